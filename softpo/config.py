@@ -1,0 +1,333 @@
+"""Configuration: nested dataclasses documented once, YAML files of overrides, dotted CLI overrides.
+
+Every field carries its documentation in `metadata["help"]`; `docs/config.md` is generated from it
+(`python -m softpo.config > docs/config.md`). A run directory always receives the resolved config as
+`config.yaml`. Unknown keys and out-of-range values raise `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from softpo.errors import UserError
+
+
+def doc(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the locally built model used when `model.name_or_path: tiny` (no download)."""
+
+    n_layer: int = doc(2, "Transformer blocks.")
+    n_embd: int = doc(64, "Hidden size.")
+    n_head: int = doc(4, "Attention heads.")
+    n_positions: int = doc(512, "Maximum sequence length.")
+    architecture: str = doc("llama", "`llama` (LlamaForCausalLM) or `gpt2` (GPT2LMHeadModel).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("tiny", "Hub name or local folder of a causal LM; `tiny` builds a small "
+                            "model with a byte-level tokenizer locally; `default` is the cached "
+                            "SmolLM2-135M-Instruct (see `softpo models fetch-default`).")
+    tokenizer: str | None = doc(None, "Tokenizer name or path when it differs from the model's.")
+    ref_name_or_path: str | None = doc(None, "Reference model; defaults to the initial policy.")
+    dtype: str = doc("float32", "Parameter dtype: `float32` or `bfloat16`.")
+    autocast_bf16: bool = doc(False, "Run forwards under bf16 autocast (master weights stay in dtype).")
+    trust_remote_code: bool = doc(False, "Allow model code from the hub. Off unless you turn it on.")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    attn_implementation: str | None = doc(None, "`eager`, `sdpa`, ...; None lets transformers choose.")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc(False, "Train a LoRA adapter (PEFT); the reference is the adapter disabled.")
+    r: int = doc(16, "LoRA rank.")
+    alpha: int = doc(32, "LoRA scaling numerator (lora_alpha).")
+    dropout: float = doc(0.0, "LoRA dropout.")
+    target_modules: list[str] | str = doc("all-linear", "Module names to adapt, or `all-linear`.")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("", "Training preferences: JSONL/JSON/CSV/Parquet file, a local HF dataset "
+                     "folder, or a hub dataset name (`name` or `name:split`).")
+    eval: str | None = doc(None, "Held-out preferences (same formats). None: split off `eval_fraction`.")
+    eval_fraction: float = doc(0.1, "Fraction of train held out when `eval` is not given (0 disables).")
+    split: str = doc("train", "Split for HF datasets when the source does not name one.")
+    max_length: int = doc(512, "Max tokens of prompt + response. Longer rows are truncated (response "
+                          "end cut first, then the prompt's start) and counted in the report.")
+    max_prompt_length: int = doc(256, "Max prompt tokens; longer prompts keep their last tokens.")
+    on_bad_rows: str = doc("error", "`error`: the first bad row stops with its file, row and field; "
+                           "`skip`: bad rows are skipped, counted and reported.")
+    chat_template: str = doc("auto", "`auto`: conversational rows use the tokenizer's chat template; "
+                             "`never`: render conversations as plain text.")
+    regularizer_prompts: str | None = doc(None, "Prompt file (JSONL with `prompt`, or .txt one per "
+                                          "line) for the global KL; default: the training prompts.")
+    num_workers: int = doc(0, "DataLoader workers.")
+
+
+@dataclass
+class LossConfig:
+    name: str = doc("spo", "Loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, rdpo, "
+                    "robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them).")
+    alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). Must be > 0.")
+    beta: float = doc(0.1, "SPO: weight of the global KL regulariser (0 turns it off). DPO family: "
+                      "the inverse temperature beta. ORPO: lambda.")
+    gamma: float = doc(0.0, "Weighted SPO: sharpness of the weights mu (0 gives mu = 1).")
+    label_smoothing: float = doc(0.0, "Robust/conservative DPO: probability a label is flipped.")
+    simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
+    cpo_alpha: float = doc(1.0, "CPO weight of the behaviour-cloning (NLL) term.")
+    rdpo_alpha: float = doc(0.0, "R-DPO length penalty coefficient.")
+
+
+@dataclass
+class RegularizerConfig:
+    estimator: str = doc("token", "Global KL estimator on fresh samples: `token` (exact per-position KL "
+                         "along sampled prefixes; low variance), `seq` (score function with "
+                         "leave-one-out baseline; unbiased) or `token_sf` (token + score-function "
+                         "correction; unbiased).")
+    prompts_per_step: int = doc(4, "Prompts sampled for the regulariser each refresh (per process).")
+    samples_per_prompt: int = doc(2, "Fresh responses per prompt (>= 2 for the leave-one-out baseline).")
+    max_new_tokens: int = doc(32, "Length cap of sampled responses.")
+    sample_every: int = doc(1, "Draw fresh samples every this many optimiser steps.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(5e-6, "Peak learning rate (AdamW).")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = doc([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = doc(1e-8, "AdamW epsilon.")
+    scheduler: str = doc("cosine", "`cosine`, `linear` or `constant` after warmup.")
+    warmup_steps: int = doc(0, "Linear warmup steps.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm (0 disables).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = doc("runs/softpo", "Run directory: config, metrics, TensorBoard, checkpoints.")
+    max_steps: int = doc(100, "Optimiser steps (one step = batch_size x grad_accum x processes rows).")
+    batch_size: int = doc(8, "Rows per micro-batch per process.")
+    grad_accum: int = doc(1, "Micro-batches per optimiser step.")
+    seed: int = doc(0, "Seed for data order, sampling and initialisation.")
+    logging_steps: int = doc(5, "Log training metrics every this many steps.")
+    eval_steps: int = doc(50, "Held-out evaluation every this many steps (0: only at the end).")
+    eval_batch_size: int = doc(16, "Rows per evaluation batch.")
+    save_steps: int = doc(50, "Checkpoint every this many steps (0: only the final save).")
+    save_total_limit: int = doc(2, "Checkpoints kept (oldest removed first).")
+    resume: bool = doc(False, "Continue from the latest complete checkpoint in output_dir.")
+    max_nonfinite_steps: int = doc(5, "Consecutive non-finite steps before the run stops.")
+    progress: bool = doc(True, "Show a progress bar.")
+    report_to: list[str] = doc(["tensorboard", "jsonl"], "Metric sinks: tensorboard, jsonl.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- building from YAML and overrides
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file's values, then `a.b=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        merge(cfg, read_yaml(Path(path)), source=str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' must look like section.key=value")
+        set_dotted(cfg, key.strip(), parse_value(raw), source="command line")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError("config file not found", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"not valid YAML ({type(e).__name__})", source=str(path),
+                        row=None if line is None else line + 1) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError("top level must be a mapping of sections", source=str(path))
+    return data
+
+
+def parse_value(raw: str) -> Any:
+    """Override values are YAML scalars: `1e-5`, `true`, `[a, b]`, `null`."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, str(key), None)):
+            merge(getattr(obj, key), value, source, prefix=dotted + ".")
+        else:
+            set_dotted(obj, str(key), value, source=source, prefix=prefix)
+
+
+def set_dotted(obj: Any, key: str, value: Any, source: str, prefix: str = "") -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not dataclasses.is_dataclass(obj) or part not in _field_types(type(obj)):
+            raise UserError(f"unknown config section '{prefix}{part}'", source=source)
+        obj, prefix = getattr(obj, part), f"{prefix}{part}."
+    types_ = _field_types(type(obj))
+    if leaf not in types_:
+        raise UserError(f"unknown config key '{prefix}{leaf}'{_suggest(leaf, types_)}", source=source)
+    if dataclasses.is_dataclass(types_[leaf]) and isinstance(value, dict):
+        merge(getattr(obj, leaf), value, source, prefix=f"{prefix}{leaf}.")
+        return
+    setattr(obj, leaf, coerce(value, types_[leaf], f"{prefix}{leaf}", source))
+
+
+def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check a value against a field's annotation; ints are accepted for floats."""
+    options = typing.get_args(tp) if _is_union(tp) else (tp,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+        if base is list and isinstance(value, list):
+            return list(value)
+    expected = " or ".join(_type_name(o) for o in options)
+    raise UserError(f"config key '{key}': expected {expected}, got {value!r}", source=source)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    return "null" if tp is type(None) else getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, options: dict) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise UserError(f"config key '{key}': {what}")
+
+    need(cfg.loss.alpha > 0, "loss.alpha", f"must be > 0, got {cfg.loss.alpha}")
+    need(cfg.loss.beta >= 0, "loss.beta", f"must be >= 0, got {cfg.loss.beta}")
+    need(0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(cfg.train.logging_steps >= 1, "train.logging_steps", "must be >= 1")
+    need(cfg.train.eval_steps >= 0 and cfg.train.save_steps >= 0, "train.save_steps",
+         "eval_steps and save_steps must be >= 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.scheduler in ("cosine", "linear", "constant"), "optim.scheduler",
+         "must be cosine, linear or constant")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    need(cfg.data.max_length >= 2, "data.max_length", "must be >= 2")
+    need(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
+         "must be > 0 and < data.max_length")
+    need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    need(cfg.data.on_bad_rows in ("error", "skip"), "data.on_bad_rows", "must be error or skip")
+    need(cfg.data.chat_template in ("auto", "never"), "data.chat_template", "must be auto or never")
+    need(cfg.regularizer.estimator in ("token", "seq", "token_sf"), "regularizer.estimator",
+         "must be token, seq or token_sf")
+    need(cfg.regularizer.samples_per_prompt >= 2, "regularizer.samples_per_prompt", "must be >= 2")
+    need(cfg.regularizer.prompts_per_step >= 1, "regularizer.prompts_per_step", "must be >= 1")
+    need(cfg.regularizer.max_new_tokens >= 1, "regularizer.max_new_tokens", "must be >= 1")
+    need(cfg.regularizer.sample_every >= 1, "regularizer.sample_every", "must be >= 1")
+    need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
+    from softpo.losses import LOSSES  # late import: losses is pure maths and does not import config
+
+    need(cfg.loss.name in LOSSES, "loss.name",
+         f"unknown loss '{cfg.loss.name}' (known: {', '.join(sorted(LOSSES))})")
+
+
+# ---------------------------------------------------------------- writing and documenting
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def reference_markdown() -> str:
+    """The config reference, generated from the field documentation."""
+    out = ["# Configuration reference", "",
+           "Generated by `python -m softpo.config`. A YAML file sets any subset of these; "
+           "`section.key=value` on the command line overrides it. The resolved config is written "
+           "to `config.yaml` in every run directory.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        rows, nested = [], []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or \
+                    "help" not in f.metadata:
+                nested.append(f)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{prefix}{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        if rows:
+            out.extend([f"## `{prefix.rstrip('.')}`", "", (cls.__doc__ or "").strip(), "",
+                        "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for f in nested:
+            section(typing.get_type_hints(cls)[f.name], f"{prefix}{f.name}.")
+
+    section(Config, "")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())
