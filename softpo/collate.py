@@ -1,0 +1,340 @@
+"""Tokens and batches: `PreferenceExample` -> `TokenizedExample` -> `PreferenceBatch`, and loaders.
+
+Tokenisation (`tokenize_example`)
+---------------------------------
+* Strings: the prompt is encoded with the tokenizer's special tokens (BOS if it adds one, never a
+  trailing EOS, never two BOS), each response without special tokens and followed by EOS.
+* Conversations, when the tokenizer has a chat template and `chat_template="auto"`: the prompt is
+  `apply_chat_template(prompt, add_generation_prompt=True)` and a response is the rest of the
+  rendering of the whole conversation `prompt + response`, so that prompt text + response text is
+  exactly the template's rendering; the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
+  ...) ends the response, and EOS is appended only if the response text holds no special token at
+  all. Both are encoded without special tokens: the template already wrote them. If a template renders the prompt
+  differently inside the full conversation (some strip or rewrite turns), the response falls back
+  to its message contents + EOS, a warning says so, and the report counts the rows.
+* Conversations otherwise (`chat_template="never"`, or no template): plain text, one
+  `role: content` line per message, the prompt ending in `assistant: `, then tokenised as strings.
+
+Truncation (counted in the `DataReport`, never silent)
+------------------------------------------------------
+1. A prompt of >= `max_length` tokens is a bad row (error, or skipped with `on_bad_rows="skip"`).
+2. A prompt longer than `max_prompt_length` keeps its *last* `max_prompt_length` tokens
+   (`rows_truncated_prompt`).
+3. Each response keeps its first `max_length - len(prompt)` tokens (`rows_truncated_response`
+   counts rows with at least one cut response; a cut response loses its EOS).
+
+Batch layout (`collate`)
+------------------------
+B examples with up to n responses give R = B * n rows, example-major: row `b * n + j` is prompt b
+followed by its response j (preference order, j = 0 best), right-padded with `pad_token_id` to T.
+`response_mask[r, t]` is True where `input_ids[r, t]` is a response token (EOS included), so with
+`logits[:, t]` predicting `input_ids[:, t + 1]`:
+    logp(y_j | x_b) = sum_t response_mask[r, t] * log_softmax(logits[r, t - 1])[input_ids[r, t]].
+Position 0 is never a response token (prompts have >= 1 token). Examples with fewer than n
+responses get padding rows: the prompt alone, `response_mask` all False, `response_valid` False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from softpo.config import DataConfig
+from softpo.data import BadRowError, DataReport, PreferenceExample, Text
+
+
+@dataclass
+class TokenizedExample:
+    prompt_ids: list[int]  # after truncation
+    response_ids: list[list[int]]  # preference order, each after truncation
+    kind: str
+    source: str
+    row: int
+    prompt_text: str  # the rendered prompt, for reports and sampling
+    truncated_prompt: bool = False
+    truncated_response: bool = False
+    template_fallback: bool = False
+
+
+# ---------------------------------------------------------------- tokenisation
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A plain-text prompt with the tokenizer's leading special tokens: no EOS, no doubled BOS."""
+    ids = _ids(tokenizer, text, True)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is not None and ids and ids[-1] == eos and not text.endswith(str(tokenizer.eos_token)):
+        ids = ids[:-1]
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
+
+
+def _with_eos(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """EOS after a response, unless its templated text already ends the turn with a special token."""
+    eos = tokenizer.eos_token_id
+    ended = any(s in text for s in getattr(tokenizer, "all_special_tokens", []))
+    return ids if eos is None or ended else ids + [eos]
+
+
+def _plain(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _uses_template(tokenizer: Any, cfg: DataConfig) -> bool:
+    return cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(prompt: Text, tokenizer: Any, cfg: DataConfig) -> tuple[str, bool]:
+    """(prompt text, whether it came from the chat template and so carries its special tokens)."""
+    if isinstance(prompt, str):
+        return prompt, False
+    if not _uses_template(tokenizer, cfg):
+        return _plain(prompt) + "\nassistant: ", False
+    return _template(tokenizer, prompt, True), True
+
+
+def encode_rendered_prompt(tokenizer: Any, text: str, templated: bool) -> list[int]:
+    return _ids(tokenizer, text, False) if templated else encode_prompt(tokenizer, text)
+
+
+def _template(tokenizer: Any, messages: list, generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja raises TemplateError (or anything a template `raise`s)
+        raise BadRowError(f"the chat template rejects this conversation ({type(e).__name__}: {e})",
+                          reason="chat_template") from None
+
+
+def render(example: PreferenceExample, tokenizer: Any,
+           cfg: DataConfig) -> tuple[str, list[str], bool, bool]:
+    """(prompt text, response texts, texts carry special tokens, template fell back)."""
+    prompt_text, templated = render_prompt(example.prompt, tokenizer, cfg)
+    if not example.is_chat:
+        return prompt_text, list(example.responses), False, False
+    if not templated:  # the prompt ends with "assistant: "; the response follows
+        return prompt_text, [r[0]["content"] + ("\n" + _plain(r[1:]) if len(r) > 1 else "")
+                             for r in example.responses], False, False
+    texts, fallback = [], False
+    for r in example.responses:
+        full = _template(tokenizer, example.prompt + r, False)
+        fallback |= not full.startswith(prompt_text)
+        texts.append(full[len(prompt_text):] if full.startswith(prompt_text)
+                     else "\n".join(m["content"] for m in r))
+    return prompt_text, texts, True, fallback
+
+
+_warned: set[int] = set()
+
+
+def tokenize_example(example: PreferenceExample, tokenizer: Any,
+                     cfg: DataConfig) -> TokenizedExample:
+    """Prompt ids + each response's ids, truncated as the module docstring says."""
+    try:
+        prompt_text, texts, templated, fallback = render(example, tokenizer, cfg)
+    except BadRowError as e:
+        raise BadRowError(e.detail, reason=e.reason, source=example.source, row=example.row,
+                          field="prompt") from None
+    prompt_ids = encode_rendered_prompt(tokenizer, prompt_text, templated)
+    responses = [_with_eos(tokenizer, _ids(tokenizer, t, False), t if templated else "")
+                 for t in texts]  # plain strings always get EOS
+    if fallback and id(tokenizer) not in _warned:
+        _warned.add(id(tokenizer))
+        warnings.warn("the chat template renders the prompt differently inside the full "
+                      "conversation than with add_generation_prompt=True, so prompt + response "
+                      "cannot equal the full rendering; such responses are tokenised as their "
+                      "message contents + EOS", stacklevel=2)
+    if not prompt_ids:
+        raise BadRowError("renders to no tokens", reason="empty_text", source=example.source,
+                          row=example.row, field="prompt")
+    if len(prompt_ids) >= cfg.max_length:
+        raise BadRowError(f"has {len(prompt_ids)} tokens, at least max_length={cfg.max_length}, "
+                          "leaving no room for a response", reason="prompt_too_long",
+                          source=example.source, row=example.row, field="prompt")
+    cut_prompt = len(prompt_ids) > cfg.max_prompt_length
+    prompt_ids = prompt_ids[-cfg.max_prompt_length:]
+    room = cfg.max_length - len(prompt_ids)
+    return TokenizedExample(prompt_ids, [r[:room] for r in responses], example.kind,
+                            example.source, example.row, prompt_text, cut_prompt,
+                            any(len(r) > room for r in responses), fallback)
+
+
+def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any, cfg: DataConfig,
+                      report: DataReport | None = None) -> list[TokenizedExample]:
+    """Tokenise all; prompts too long raise or (skip) are dropped and counted; lengths recorded."""
+    report = report if report is not None else DataReport(source="")
+    out = []
+    for ex in examples:
+        try:
+            tok = tokenize_example(ex, tokenizer, cfg)
+        except BadRowError as e:
+            if cfg.on_bad_rows != "skip":
+                raise
+            report.add_bad(e)
+            report.rows_kept -= 1
+            continue
+        report.rows_truncated_prompt += tok.truncated_prompt
+        report.rows_truncated_response += tok.truncated_response
+        report.rows_template_fallback += tok.template_fallback
+        report.prompt_tokens.append(len(tok.prompt_ids))
+        report.response_tokens.extend(len(r) for r in tok.response_ids)
+        out.append(tok)
+    return out
+
+
+# ---------------------------------------------------------------- collation
+
+@dataclass
+class PreferenceBatch:
+    """B examples x n responses as R = B * n rows (row b * n + j); see the module docstring."""
+
+    input_ids: Tensor  # (R, T) long, right-padded with pad_token_id
+    attention_mask: Tensor  # (R, T) long, 1 on real tokens
+    response_mask: Tensor  # (R, T) bool, True on response tokens (aligned with input_ids)
+    response_valid: Tensor  # (B, n) bool, False for padding responses
+    response_lengths: Tensor  # (B, n) long, response tokens per row (0 for padding)
+    prompt_lengths: Tensor  # (B,) long
+    prompt_input_ids: Tensor  # (B, P) long, LEFT-padded, for sampling
+    prompt_attention_mask: Tensor  # (B, P) long
+    kind: str  # "pairs" | "best_of_n" | "ranked" | "mixed"
+    prompt_texts: list[str]
+    sources: list[str]
+    rows: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_valid.shape[0]
+
+    @property
+    def num_responses(self) -> int:
+        return self.response_valid.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch, prompts counted once per row."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+def left_pad(seqs: Sequence[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """(B, P) ids left-padded with pad_token_id, and their attention mask."""
+    width = max(1, max((len(s) for s in seqs), default=0))
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s):] = 1
+    return ids, mask
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int,
+            pad_to_multiple_of: int | None = None) -> PreferenceBatch:
+    B, n = len(examples), max(len(e.response_ids) for e in examples)
+    T = max(len(e.prompt_ids) + len(r) for e in examples for r in e.response_ids)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((B * n, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B * n, T), dtype=torch.long)
+    response_mask = torch.zeros((B * n, T), dtype=torch.bool)
+    response_lengths = torch.zeros((B, n), dtype=torch.long)
+    for b, ex in enumerate(examples):
+        P = len(ex.prompt_ids)
+        for j in range(n):
+            response = ex.response_ids[j] if j < len(ex.response_ids) else []
+            seq, r = ex.prompt_ids + response, b * n + j
+            input_ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[r, :len(seq)] = 1
+            response_mask[r, P:len(seq)] = True
+            response_lengths[b, j] = len(response)
+    counts = torch.tensor([len(e.response_ids) for e in examples])  # (B,)
+    prompt_input_ids, prompt_attention_mask = left_pad([e.prompt_ids for e in examples],
+                                                       pad_token_id)
+    kinds = {e.kind for e in examples}
+    return PreferenceBatch(
+        input_ids, attention_mask, response_mask,
+        response_valid=torch.arange(n)[None, :] < counts[:, None],
+        response_lengths=response_lengths,
+        prompt_lengths=torch.tensor([len(e.prompt_ids) for e in examples], dtype=torch.long),
+        prompt_input_ids=prompt_input_ids, prompt_attention_mask=prompt_attention_mask,
+        kind=kinds.pop() if len(kinds) == 1 else "mixed",
+        prompt_texts=[e.prompt_text for e in examples], sources=[e.source for e in examples],
+        rows=[e.row for e in examples])
+
+
+class Collator:
+    """Picklable collate_fn for DataLoader workers."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> PreferenceBatch:
+        return collate(examples, self.pad_token_id, self.pad_to_multiple_of)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out either way)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ---------------------------------------------------------------- order and loaders
+
+class PreferenceDataset(Dataset):
+    def __init__(self, examples: Sequence[TokenizedExample]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        return self.examples[i]
+
+
+def batch_order(num_examples: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                drop_last: bool = False) -> list[list[int]]:
+    """The batches of one epoch as index lists: a function of (seed, epoch) only, so a resumed
+    run rebuilds it and skips the batches it already consumed (`make_dataloader(start_batch=k)`)."""
+    order = np.arange(num_examples)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    batches = [order[i:i + batch_size].tolist() for i in range(0, num_examples, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def make_dataloader(examples: Sequence[TokenizedExample], tokenizer: Any, batch_size: int,
+                    shuffle: bool = True, seed: int = 0, *, epoch: int = 0, start_batch: int = 0,
+                    drop_last: bool = False, num_workers: int = 0,
+                    batches: list[list[int]] | None = None) -> DataLoader:
+    """Batches of epoch `epoch` from batch `start_batch` on (or the given `batches`)."""
+    if batches is None:
+        batches = batch_order(len(examples), batch_size, seed, epoch, shuffle, drop_last)
+    pad = tokenizer if isinstance(tokenizer, int) else pad_token_id(tokenizer)
+    return DataLoader(PreferenceDataset(examples), batch_sampler=batches[start_batch:],
+                      collate_fn=Collator(pad), num_workers=num_workers)
+
+
+def prompt_batch(prompts: Sequence[Text], tokenizer: Any, cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Regulariser prompts -> (B, P) left-padded ids and mask, rendered and truncated like rows."""
+    ids = [encode_rendered_prompt(tokenizer, *render_prompt(p, tokenizer, cfg))
+           [-cfg.max_prompt_length:] for p in prompts]
+    return left_pad(ids, pad_token_id(tokenizer))

@@ -1,0 +1,248 @@
+"""Model outputs -> per-token and per-sequence log-probs.
+
+Rows are right-padded `[prompt, response, pad]` sequences; `response_mask` (R, T) is True on the
+response tokens (the tokens whose log-probs are summed). The token at position t is predicted by the
+hidden state at position t-1, so only the hidden states *before* response tokens go through the output
+layer: prompt positions never produce logits at all.
+
+Memory: the float32 `[rows, T, vocab]` tensor is never materialised. Selected hidden states are sent
+through the output layer in chunks of `chunk_size` positions; each chunk is recomputed in backward
+(activation checkpointing), so at most one `[chunk, vocab]` block of logits is alive at a time.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from softpo.losses import exact_token_kl
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class ResponseStates:
+    """Hidden states that predict response tokens, flattened over the batch."""
+
+    hidden: Tensor  # (N, H) state at t-1 for every response token t
+    labels: Tensor  # (N,) the response tokens
+    rows: Tensor  # (N,) row index of each token
+    cols: Tensor  # (N,) position t of each token
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT or DDP wrapper (LoRA layers stay inside it)."""
+    model = getattr(model, "module", model)  # DDP
+    get_base = getattr(model, "get_base_model", None)  # PEFT
+    return get_base() if callable(get_base) else model
+
+
+def has_plain_head(model: nn.Module) -> bool:
+    """True when logits are exactly `lm_head(last_hidden_state)` (no soft-capping or scaling)."""
+    cfg = hf_model(model).config
+    special = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    return isinstance(hf_model(model).get_output_embeddings(), nn.Linear) and \
+        not any(getattr(cfg, name, None) not in (None, 1.0) for name in special)
+
+
+def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    response_mask: Tensor, position_ids: Tensor | None = None) -> ResponseStates:
+    """Run the decoder once over all rows and keep the states that predict response tokens."""
+    inner = hf_model(model)
+    out = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (R, T, H)
+    target = response_mask.clone()
+    target[:, 0] = False  # the first token has no predecessor
+    rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
+    return ResponseStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, cols)
+
+
+def _label_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+    logits = nn.functional.linear(hidden, weight, bias).float()  # (n, V)
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
+
+
+def label_logps(states: ResponseStates, head: nn.Linear, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """log softmax(head(h))[label] for every state, chunked and checkpointed.  Returns (N,)."""
+    parts = []
+    for start in range(0, states.labels.numel(), chunk_size):
+        h = states.hidden[start:start + chunk_size]
+        y = states.labels[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_label_logps, h, head.weight, head.bias, y, use_reentrant=False))
+        else:
+            parts.append(_label_logps(h, head.weight, head.bias, y))
+    return torch.cat(parts) if parts else states.hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _kl_and_logps(h_pol: Tensor, h_ref: Tensor, w: Tensor, b: Tensor | None,
+                  ref_head: Callable[[Tensor], Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    logits = nn.functional.linear(h_pol, w, b).float()  # (n, V)
+    with torch.no_grad():
+        ref_logits = ref_head(h_ref).float()  # (n, V)
+    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return exact_token_kl(logits, ref_logits), logps
+
+
+def token_kl_and_logps(policy: ResponseStates, ref_hidden: Tensor, head: nn.Linear,
+                       ref_head: Callable[[Tensor], Tensor], chunk_size: int = DEFAULT_CHUNK
+                       ) -> tuple[Tensor, Tensor]:
+    """Exact per-position KL(pi || ref) over the vocabulary and the policy's label log-probs.
+
+    `ref_hidden` (N, H) are the reference model's states at the same positions; `ref_head` maps them to
+    logits (for LoRA: the output layer with the adapter disabled). Returns two (N,) tensors.
+    """
+    kls, logps = [], []
+    for start in range(0, policy.labels.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (policy.hidden[sl], ref_hidden[sl], head.weight, head.bias, ref_head, policy.labels[sl])
+        if torch.is_grad_enabled() and policy.hidden.requires_grad:
+            kl, lp = checkpoint(_kl_and_logps, *args, use_reentrant=False)
+        else:
+            kl, lp = _kl_and_logps(*args)
+        kls.append(kl)
+        logps.append(lp)
+    return torch.cat(kls), torch.cat(logps)
+
+
+def scatter_rows(values: Tensor, states: ResponseStates, shape: tuple[int, int]) -> Tensor:
+    """(N,) per-token values back to a zero-padded (R, T) grid."""
+    grid = values.new_zeros(shape)
+    return grid.index_put((states.rows, states.cols), values)
+
+
+def full_logits_label_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                            response_mask: Tensor) -> Tensor:
+    """Fallback for heads that are not a plain Linear: full forward, then log-softmax.  (R, T)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    out = torch.zeros_like(response_mask, dtype=torch.float32)
+    out[:, 1:] = logps
+    return out * response_mask
+
+
+def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                chunk_size: int = DEFAULT_CHUNK, autocast: bool = False) -> Tensor:
+    """Per-token log-probs of the response tokens, zero elsewhere.  Returns (R, T) float32."""
+    ctx = torch.autocast(input_ids.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with ctx:
+        if not has_plain_head(model):
+            return full_logits_label_logps(model, input_ids, attention_mask, response_mask)
+        states = response_states(model, input_ids, attention_mask, response_mask)
+        head = hf_model(model).get_output_embeddings()
+        values = label_logps(states, head, chunk_size)
+    return scatter_rows(values, states, tuple(input_ids.shape))
+
+
+def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                   chunk_size: int = DEFAULT_CHUNK, autocast: bool = False) -> Tensor:
+    """Summed response log-probs per row.  Returns (R,) float32."""
+    return token_logps(model, input_ids, attention_mask, response_mask, chunk_size, autocast).sum(-1)
+
+
+@dataclass
+class Rows:
+    """Right-padded token rows whose response tokens are scored."""
+
+    input_ids: Tensor  # (R, T)
+    attention_mask: Tensor  # (R, T)
+    response_mask: Tensor  # (R, T) bool, True on response tokens
+
+
+@dataclass
+class Scores:
+    token_logps: Tensor  # (R, T) policy log-probs of the preference rows' response tokens, 0 elsewhere
+    sample_token_logps: Tensor | None = None  # (S, T') same for the regulariser's sample rows
+    sample_token_kl: Tensor | None = None  # (S, T') exact per-position KL(pi || ref), 0 elsewhere
+
+
+class PolicyScorer(nn.Module):
+    """The one differentiable forward of a training step, as a module so DDP/FSDP can wrap it.
+
+    One call scores the preference rows and, when given, the regulariser's sample rows (with the
+    reference's states for the exact per-position KL). Everything that needs gradient goes through
+    `forward`, which is what Accelerate's DDP wrapper synchronises.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.autocast = autocast
+
+    def _ctx(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    def forward(self, rows: Rows, samples: Rows | None = None, ref_sample_hidden: Tensor | None = None,
+                ref_head: Callable[[Tensor], Tensor] | None = None) -> Scores:
+        device = rows.input_ids.device
+        with self._ctx(device):
+            if not has_plain_head(self.model):
+                logps = full_logits_label_logps(self.model, rows.input_ids, rows.attention_mask,
+                                                rows.response_mask)
+            else:
+                logps = self._score(rows)
+            if samples is None:
+                return Scores(logps)
+            states = response_states(self.model, samples.input_ids, samples.attention_mask,
+                                     samples.response_mask)
+            shape = tuple(samples.input_ids.shape)
+            if ref_sample_hidden is None:  # sequence-level estimators need no full distributions
+                head = hf_model(self.model).get_output_embeddings()
+                return Scores(logps, scatter_rows(label_logps(states, head, self.chunk_size), states,
+                                                  shape))
+            head = hf_model(self.model).get_output_embeddings()
+            kl, lp = token_kl_and_logps(states, ref_sample_hidden, head, ref_head, self.chunk_size)
+            return Scores(logps, scatter_rows(lp, states, shape), scatter_rows(kl, states, shape))
+
+    def _score(self, rows: Rows) -> Tensor:
+        states = response_states(self.model, rows.input_ids, rows.attention_mask, rows.response_mask)
+        head = hf_model(self.model).get_output_embeddings()
+        values = label_logps(states, head, self.chunk_size)
+        return scatter_rows(values, states, tuple(rows.input_ids.shape))
+
+
+class Reference:
+    """The frozen reference: a separate model, or the policy with its LoRA adapter disabled."""
+
+    def __init__(self, model: nn.Module, adapter_toggle: bool, chunk_size: int = DEFAULT_CHUNK,
+                 autocast: bool = False):
+        self.model = model  # for adapter_toggle: the PEFT policy itself
+        self.adapter_toggle = adapter_toggle
+        self.chunk_size = chunk_size
+        self.autocast = autocast
+
+    def disabled(self):
+        """Context in which `self.model` computes the reference."""
+        peft = getattr(self.model, "module", self.model)
+        return peft.disable_adapter() if self.adapter_toggle else nullcontext()
+
+    @torch.no_grad()
+    def sequence_logps(self, rows: Rows) -> Tensor:  # (R,)
+        with self.disabled():
+            return sequence_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
+                                  self.chunk_size, self.autocast)
+
+    @torch.no_grad()
+    def token_logps(self, rows: Rows) -> Tensor:  # (R, T)
+        with self.disabled():
+            return token_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
+                               self.chunk_size, self.autocast)
+
+    @torch.no_grad()
+    def sample_hidden(self, samples: Rows) -> Tensor:  # (N, H)
+        ctx = torch.autocast(samples.input_ids.device.type, dtype=torch.bfloat16) \
+            if self.autocast else nullcontext()
+        with self.disabled(), ctx:
+            return response_states(self.model, samples.input_ids, samples.attention_mask,
+                                   samples.response_mask).hidden
+
+    def head(self, hidden: Tensor) -> Tensor:  # (n, H) -> (n, V), no grad
+        with torch.no_grad(), self.disabled():
+            return hf_model(self.model).get_output_embeddings()(hidden)

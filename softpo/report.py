@@ -1,0 +1,33 @@
+"""Human-facing summaries: the model card of a trained run and Markdown tables."""
+
+from __future__ import annotations
+
+from softpo.config import Config
+
+CARD_KEYS = ["loss", "pref_loss", "kl", "entropy", "rewards/accuracies", "rewards/margins",
+             "eval_pref_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_card(cfg: Config, metrics: dict[str, float]) -> str:
+    adapter = "a LoRA adapter for" if cfg.lora.enabled else "a fine-tune of"
+    loss = cfg.loss.name
+    knobs = f"alpha={cfg.loss.alpha}, beta={cfg.loss.beta}" if loss.startswith("spo") \
+        else f"beta={cfg.loss.beta}"
+    rows = [[k, metrics[k]] for k in CARD_KEYS if k in metrics]
+    return "\n".join([
+        "---", "library_name: " + ("peft" if cfg.lora.enabled else "transformers"),
+        "tags: [softpo, preference-optimization, " + loss + "]", "---", "",
+        f"# {loss} model trained with softpo", "",
+        f"This is {adapter} `{cfg.model.name_or_path}`, aligned with `{loss}` ({knobs}) on "
+        f"`{cfg.data.train}` for {cfg.train.max_steps} steps.", "",
+        "## Final metrics", "", markdown_table(["metric", "value"], rows), "",
+        "The resolved training config is in `config.yaml`.", ""])

@@ -1,0 +1,147 @@
+"""Fresh samples from the policy: the only caller of `generate()` in softpo.
+
+The global KL regulariser is an expectation under the model's *own* distribution, so samples are drawn
+at temperature 1 with no top-k, top-p or repetition penalty (anything else estimates the KL of another
+distribution), with the KV cache, `k >= 2` samples per prompt, and a seed per call so that a resumed
+run draws exactly the samples the uninterrupted run drew.
+
+Samples come back as right-padded rows `[prompt, response, pad]` (the layout of preference rows), the
+response masked up to and including the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from softpo.collate import left_pad
+from softpo.logprobs import Rows, hf_model
+
+
+@dataclass
+class SampleBatch:
+    rows: Rows  # (P*k, T) right-padded prompt + response; response_mask on sampled tokens
+    num_prompts: int  # P
+    samples_per_prompt: int  # k
+    response_lengths: Tensor  # (P*k,) sampled tokens per row (EOS included when reached)
+    finished: Tensor  # (P*k,) bool: the response ended with EOS before max_new_tokens
+
+    def texts(self, tokenizer) -> list[str]:
+        out = []
+        for ids, mask in zip(self.rows.input_ids, self.rows.response_mask):
+            out.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
+        return out
+
+
+def pure_sampling_config(model: nn.Module, tokenizer, max_new_tokens: int, k: int):
+    """A GenerationConfig that samples from the model's own distribution (no truncation)."""
+    from transformers import GenerationConfig
+
+    eos = _eos_ids(model, tokenizer)
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None,
+                            typical_p=1.0, repetition_penalty=1.0, num_beams=1,
+                            num_return_sequences=k, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(hf_model(model), "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, k: int,
+           max_new_tokens: int, seed: int) -> SampleBatch:
+    """Draw k responses for each left-padded prompt.  prompt_ids, prompt_mask: (P, Lp)."""
+    inner = hf_model(model)
+    was_training = inner.training
+    inner.eval()  # no dropout while sampling
+    config = pure_sampling_config(model, tokenizer, max_new_tokens, k)
+    devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sequences = generation_model(model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                                     generation_config=config)  # (P*k, Lp+new)
+    inner.train(was_training)
+    return to_rows(sequences, prompt_mask.repeat_interleave(k, 0), config.eos_token_id,
+                   tokenizer.pad_token_id, prompt_ids.shape[0], k)
+
+
+def generation_model(model: nn.Module) -> nn.Module:
+    """The object to call generate() on: the PEFT model (adapter active) or the HF model."""
+    model = getattr(model, "module", model)
+    return model if hasattr(model, "generate") else hf_model(model)
+
+
+def to_rows(sequences: Tensor, prompt_mask: Tensor, eos_ids: list[int], pad_id: int, num_prompts: int,
+            k: int) -> SampleBatch:
+    """Left-padded generate() output -> right-padded rows with a response mask."""
+    lp = prompt_mask.shape[1]
+    response = sequences[:, lp:]  # (S, new)
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    keep = ~after_eos  # (S, new) sampled tokens up to and including EOS
+    prompt_lens = prompt_mask.sum(1)  # (S,)
+    lengths = keep.sum(1)  # (S,)
+    width = int((prompt_lens + lengths).max())
+    ids = torch.full((sequences.shape[0], width), pad_id, dtype=sequences.dtype, device=sequences.device)
+    resp_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i in range(sequences.shape[0]):
+        p, n = int(prompt_lens[i]), int(lengths[i])
+        ids[i, :p] = sequences[i, :lp][prompt_mask[i].bool()]
+        ids[i, p:p + n] = response[i, :n]
+        resp_mask[i, p:p + n] = True
+    attn = (torch.arange(width, device=ids.device)[None] < (prompt_lens + lengths)[:, None]).long()
+    finished = (is_eos & keep).any(1)
+    return SampleBatch(Rows(ids, attn, resp_mask), num_prompts, k, lengths, finished)
+
+
+# ---------------------------------------------------------------- `softpo sample`
+
+def sample_arguments(p) -> None:
+    p.add_argument("model", help="model folder or hub name, `tiny` or `default`")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="prompt file (JSONL with `prompt`, or .txt one per line)")
+    p.add_argument("-n", "--num-samples", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap plain prompts as a user turn")
+
+
+def sample_command(args) -> int:
+    from softpo.config import ModelConfig
+    from softpo.data import read_prompts
+    from softpo.errors import UserError
+    from softpo.models import load_model, load_tokenizer
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be >= 1")
+    cfg = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, seed=args.seed)
+    ids, mask = encode_prompts(tokenizer, prompts, chat=args.chat)
+    batch = sample(model, tokenizer, ids, mask, args.num_samples, args.max_new_tokens, args.seed)
+    for i, text in enumerate(batch.texts(tokenizer)):
+        print(f"[{i // args.num_samples}.{i % args.num_samples}] {text}")
+    return 0
+
+
+def encode_prompts(tokenizer, prompts: list, chat: bool = False) -> tuple[Tensor, Tensor]:
+    """Prompts (strings or message lists) -> left-padded ids and mask.  (P, Lp) each."""
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            encoded.append(tokenizer(prompt)["input_ids"])
+    return left_pad(encoded, tokenizer.pad_token_id)
