@@ -36,7 +36,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected(argv: list[str]) -> tuple[str, ...] | None:
+    """The command named by the leading words of argv, if any."""
+    words = tuple(a for a in argv[:3] if not a.startswith("-"))
+    return next((w for w in COMMANDS if words[:len(w)] == w), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """All commands are listed; only the selected one's module is imported (fast start-up)."""
+    chosen = selected(argv) if argv is not None else None
     parser = OneLineParser(prog="softpo", description="Soft Preference Optimization for language models.")
     parser.add_argument("--version", action="version", version=_version())
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {}
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   parser_class=OneLineParser, required=True)
         sub = groups[words[:-1]].add_parser(words[-1], help=help_, description=help_)
         sub.set_defaults(_target=target)
+        if argv is not None and words != chosen:
+            continue
         try:
             module_name, name = target.split(":")
             getattr(importlib.import_module(module_name), f"{name}_arguments")(sub)
@@ -61,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_target", None):
         parser.print_help()

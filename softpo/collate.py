@@ -9,9 +9,10 @@ Tokenisation (`tokenize_example`)
   rendering of the whole conversation `prompt + response`, so that prompt text + response text is
   exactly the template's rendering; the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
   ...) ends the response, and EOS is appended only if the response text holds no special token at
-  all. Both are encoded without special tokens: the template already wrote them. If a template renders the prompt
-  differently inside the full conversation (some strip or rewrite turns), the response falls back
-  to its message contents + EOS, a warning says so, and the report counts the rows.
+  all. Both are encoded without special tokens: the template already wrote them. If a template
+  renders the prompt differently inside the full conversation (some strip or rewrite turns), the
+  response falls back to its message contents + EOS, a warning says so, and the report counts the
+  rows. A template that raises on a conversation (e.g. no system role) makes it a bad row.
 * Conversations otherwise (`chat_template="never"`, or no template): plain text, one
   `role: content` line per message, the prompt ending in `assistant: `, then tokenised as strings.
 
@@ -173,7 +174,7 @@ def tokenize_example(example: PreferenceExample, tokenizer: Any,
 def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any, cfg: DataConfig,
                       report: DataReport | None = None) -> list[TokenizedExample]:
     """Tokenise all; prompts too long raise or (skip) are dropped and counted; lengths recorded."""
-    report = report if report is not None else DataReport(source="")
+    report = report if report is not None else DataReport(source="", rows_kept=len(examples))
     out = []
     for ex in examples:
         try:

@@ -69,8 +69,9 @@ class DataConfig:
     eval: str | None = doc(None, "Held-out preferences (same formats). None: split off `eval_fraction`.")
     eval_fraction: float = doc(0.1, "Fraction of train held out when `eval` is not given (0 disables).")
     split: str = doc("train", "Split for HF datasets when the source does not name one.")
-    max_length: int = doc(512, "Max tokens of prompt + response. Longer rows are truncated (response "
-                          "end cut first, then the prompt's start) and counted in the report.")
+    max_length: int = doc(512, "Max tokens of prompt + response. A prompt of max_length tokens or "
+                          "more is a bad row; otherwise responses are cut to fit (counted in the "
+                          "data report, never dropped silently).")
     max_prompt_length: int = doc(256, "Max prompt tokens; longer prompts keep their last tokens.")
     on_bad_rows: str = doc("error", "`error`: the first bad row stops with its file, row and field; "
                            "`skip`: bad rows are skipped, counted and reported.")
@@ -84,7 +85,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = doc("spo", "Loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, rdpo, "
-                    "robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them).")
+                    "cdpo, robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them).")
     alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). Must be > 0.")
     beta: float = doc(0.1, "SPO: weight of the global KL regulariser (0 turns it off). DPO family: "
                       "the inverse temperature beta. ORPO: lambda.")
@@ -220,6 +221,8 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base is bool and isinstance(value, bool):
@@ -230,6 +233,14 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return list(value)
     expected = " or ".join(_type_name(o) for o in options)
     raise UserError(f"config key '{key}': expected {expected}, got {value!r}", source=source)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
 def _is_union(tp: Any) -> bool:
@@ -291,6 +302,8 @@ def validate(cfg: Config) -> None:
 
     need(cfg.loss.name in LOSSES, "loss.name",
          f"unknown loss '{cfg.loss.name}' (known: {', '.join(sorted(LOSSES))})")
+    need(LOSSES[cfg.loss.name].is_spo or cfg.loss.beta > 0, "loss.beta",
+         f"must be > 0 for {cfg.loss.name} (it is the inverse temperature)")
 
 
 # ---------------------------------------------------------------- writing and documenting

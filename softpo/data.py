@@ -50,7 +50,6 @@ from softpo.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 KNOWN_FIELDS = ("prompt", "chosen", "rejected", "responses", "best", "ranking", "scores")
-KINDS = ("pairs", "best_of_n", "ranked")
 MAX_MESSAGES = 5  # bad-row messages kept in a report
 Text = str | list[dict[str, str]]  # a string, or a conversation of {role, content} messages
 
@@ -219,7 +218,8 @@ def _message(ctx: _Ctx, m: Any, name: str) -> dict[str, str]:
         if key not in m:
             guess = difflib.get_close_matches(key, [str(k) for k in m], n=1, cutoff=0.7)
             ctx.fail("bad_message", f"{name}.{key}",
-                     f"missing (did you mean '{guess[0]}'?)" if guess else "missing")
+                     f"missing (did you mean '{guess[0]}'?)" if guess else
+                     "missing (a message is {role, content})")
     if m["role"] not in ROLES:
         ctx.fail("bad_message", f"{name}.role", f"unknown role {m['role']!r} "
                  f"(expected one of {', '.join(ROLES)})")

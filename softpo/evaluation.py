@@ -138,8 +138,8 @@ def eval_command(args) -> int:
     if args.ref:
         ref = load_model(ModelConfig(name_or_path=args.ref), tokenizer, seed=0).eval()
         reference = Reference(ref, adapter_toggle=False)
-    examples, _ = data.load_preferences(args.data, dcfg)
-    items = [t for t in (data.tokenize_example(e, tokenizer, dcfg) for e in examples) if t is not None]
+    examples, report = data.load_preferences(args.data, dcfg)
+    items = data.tokenize_examples(examples, tokenizer, dcfg, report)
     batches = [data.collate(items[i:i + args.batch_size], tokenizer.pad_token_id)
                for i in range(0, len(items), args.batch_size)]
     result = preference_accuracy(model, batches, reference)

@@ -328,7 +328,8 @@ def convert_gguf(gguf_path: Path):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
+    for key in ("quantization_config", "_model_name_or_path"):  # GGUF bookkeeping, not model config
+        config_dict.pop(key, None)
     config = type(gguf_model.config).from_dict(config_dict)
     config._name_or_path = DEFAULT_NAME
     with torch.random.fork_rng(devices=[]):

@@ -60,7 +60,8 @@ class Trainer:
         from softpo.models import load_tokenizer
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator()
+        # On a machine without GPUs, cpu=True is what lets torchrun/accelerate start gloo DDP.
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.spec = LOSSES[cfg.loss.name]
         self.params = LossParams(alpha=cfg.loss.alpha, beta=cfg.loss.beta, gamma=cfg.loss.gamma,
                                  label_smoothing=cfg.loss.label_smoothing,

@@ -151,6 +151,22 @@ def test_missing_hub_dataset_offline_is_a_user_error(monkeypatch):
         load("nobody/no-such-prefs:validation")
 
 
+def test_hub_name_with_split_goes_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (ex,), _ = load("org/prefs:test")
+    assert (ex.source, ex.row, ex.responses) == ("org/prefs:test", 1, ["b", "c"])
+    load("org/prefs", split="dev")
+    assert calls == [("org/prefs", "test"), ("org/prefs", "dev")]
+
+
 def test_missing_file_and_unknown_type(tmp_path):
     with pytest.raises(UserError, match="nothere.jsonl: file not found"):
         load(tmp_path / "nothere.jsonl")

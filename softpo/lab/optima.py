@@ -258,12 +258,7 @@ def solve(problem: Problem, data: Examples, spec: LossSpec, params: LossParams, 
     objectives (SPO's KL term) are handled by the damping: a rejected step raises lam toward a
     gradient step.
     """
-    shape = problem.rewards.shape
-    kw = kl_weight(spec, beta)
-
-    def f(theta: Tensor) -> Tensor:
-        return objective(theta.view(shape), problem, data, spec, params, kw)
-
+    shape, f = problem.rewards.shape, _flat_objective(problem, data, spec, params, beta)
     theta = (problem.ref_logps if init is None else init).detach().clone().flatten()
     lam, eye = 1e-6, torch.eye(theta.numel(), dtype=DTYPE)
     for it in range(max_iter):
@@ -283,6 +278,52 @@ def solve(problem: Problem, data: Examples, spec: LossSpec, params: LossParams, 
     value, grad = _value_and_grad(f, theta)
     logps = torch.log_softmax(theta.view(shape), -1)
     return Solution(logps, grad.norm().item(), it)
+
+
+def sampling_kl(problem: Problem, data: Examples, spec: LossSpec, params: LossParams, beta: float,
+                optimum: Tensor, count: int) -> float:
+    """Expected KL(pi_hat || pi*) of the minimiser pi_hat of the objective on `count` sampled
+    examples, to first order in 1/count (the data's share of the lab's error; training adds its own).
+
+    M-estimation: theta_hat - theta* = -H^+ g_N + o(1/sqrt(N)), where g_N is the mean of N i.i.d.
+    per-example gradients (mean g_bar, covariance V/N, V = E[g g^T] - g_bar g_bar^T; the KL term is
+    exact, not sampled) and H the Hessian of J at theta*. To second order
+    KL(pi_hat || pi*) = 1/2 d^T F d with F = (1/C) blockdiag_x(diag pi_x - pi_x pi_x^T) (the softmax
+    Fisher matrix), so E KL = tr(F H^+ V H^+) / (2N). `data` must be the enumerated distribution.
+    """
+    grads = _example_grads(problem, data, spec, params, optimum)  # (N, C*K)
+    mean = data.weight @ grads  # (C*K,)
+    cov = (grads * data.weight[:, None]).T @ grads - torch.outer(mean, mean)
+    hess = torch.autograd.functional.hessian(
+        _flat_objective(problem, data, spec, params, beta), optimum.flatten())
+    h_pinv = torch.linalg.pinv(hess, hermitian=True, rtol=1e-10)
+    pi = optimum.exp()  # (C, K)
+    fisher = torch.block_diag(*(torch.diag(p) - torch.outer(p, p) for p in pi)) / problem.contexts
+    return (torch.trace(fisher @ h_pinv @ cov @ h_pinv) / (2 * count)).item()
+
+
+def _example_grads(problem: Problem, data: Examples, spec: LossSpec, params: LossParams,
+                   logps: Tensor) -> Tensor:
+    """Per-example gradients of the loss w.r.t. the logits (N, C*K), at log-probs `logps`.
+
+    Loss i reads only row i of policy_logps, so one backward pass of sum_i l_i w.r.t. policy_logps
+    (N, n) gives every example's own dl_i/dlogp_ij; then dlogp(y|x)/dtheta_x = e_y - pi_x.
+    """
+    lp = list_logps(logps, problem, data)
+    lp.policy_logps = lp.policy_logps.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(spec.fn(lp, params).losses.sum(), lp.policy_logps)  # (N, n)
+    c, k = problem.contexts, problem.k
+    grads = torch.zeros(len(data), c, k, dtype=DTYPE)
+    rows = torch.arange(len(data))[:, None]
+    grads[rows, data.ctx[:, None], data.resp] += g  # sum_j g_ij e_{y_ij}
+    grads[torch.arange(len(data)), data.ctx] -= g.sum(-1, keepdim=True) * logps.exp()[data.ctx]
+    return grads.flatten(1)
+
+
+def _flat_objective(problem: Problem, data: Examples, spec: LossSpec, params: LossParams,
+                    beta: float) -> Callable[[Tensor], Tensor]:
+    shape, kw = problem.rewards.shape, kl_weight(spec, beta)
+    return lambda theta: objective(theta.view(shape), problem, data, spec, params, kw)
 
 
 def _value_and_grad(f: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[float, Tensor]:

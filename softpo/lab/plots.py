@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from softpo.lab import optima  # noqa: E402
 from softpo.lab.optima import Problem  # noqa: E402
+from softpo.losses import get_loss  # noqa: E402
 
 MAX_PANELS = 4
 
@@ -34,8 +35,10 @@ def plot_probs(path: Path, result: dict) -> Path:
         ax.set_ylabel(f"context {c}: probability")
         ax.set_xlabel("response (labelled by reward r)")
     axes[0, 0].legend(fontsize=8)
-    axes[0, 0].set_title(f"{result['loss']} ({result['data']}), alpha={result['alpha']:g}, "
-                         f"beta={result['beta']:g}: KL to optimum {result['kl_to_target']:.4f} nats")
+    knobs = (f"alpha={result['alpha']:g}, " if get_loss(result["loss"]).is_spo else "")
+    knobs += f"beta={result['beta']:g}"
+    axes[0, 0].set_title(f"{result['loss']} ({result['data']}), {knobs}: "
+                         f"KL to optimum {result['kl_to_target']:.4f} nats")
     return _save(fig, path)
 
 
