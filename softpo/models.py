@@ -164,6 +164,8 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int):
     if cfg.name_or_path == "tiny":
         return build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation).to(dtype)
     source = _resolve(cfg.name_or_path)
+    if (Path(source) / "adapter_config.json").is_file():
+        return load_adapter(cfg, Path(source), tokenizer, seed)
     if Path(source).is_dir():
         _check_safetensors(Path(source), cfg.name_or_path)
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
@@ -177,6 +179,25 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def load_adapter(cfg: ModelConfig, folder: Path, tokenizer, seed: int):
+    """A LoRA run's final folder: its base (`base/` inside it, or the base named in
+    adapter_config.json) with the adapter applied."""
+    import dataclasses
+    import json
+
+    from peft import PeftModel
+
+    base = folder / "base"
+    name = str(base) if base.is_dir() else \
+        json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not name:
+        raise UserError("adapter folder names no base model (base_model_name_or_path)",
+                        source=str(folder))
+    _check_safetensors(folder, str(folder))
+    model = load_model(dataclasses.replace(cfg, name_or_path=name), tokenizer, seed)
+    return PeftModel.from_pretrained(model, str(folder))
 
 
 def _resolve(name: str) -> str:
@@ -221,7 +242,7 @@ def _friendly_errors(name: str, source: str):
 # ---------------------------------------------------------------- saving
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | Path,
-                           extra_files: dict[str, str] | None = None) -> Path:
+                           extra_files: dict[str, str] | None = None, base_model=None) -> Path:
     """save_pretrained (safetensors) into a temporary sibling folder, `extra_files` last, then
     rename it into place; an existing folder is replaced. Readers never see a half-written folder."""
     out_dir = Path(out_dir)
@@ -232,6 +253,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | Path,
         model.save_pretrained(tmp, **_safetensors_kwarg(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if base_model is not None:  # an adapter whose base cannot be loaded by name (tiny)
+            base_model.save_pretrained(tmp / "base", **_safetensors_kwarg(base_model))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         _swap_into_place(tmp, out_dir)

@@ -54,7 +54,12 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator=None):
+    def __init__(self, cfg: Config, accelerator=None, *, tokenizer=None, policy=None,
+                 examples: list | None = None):
+        """Everything from `cfg`, except what is passed in (the sequence lab's in-memory runs):
+        `tokenizer`, a prebuilt `policy` (used as given: no LoRA or gradient checkpointing is
+        added; the reference is its frozen copy) and tokenised `examples` (`TokenizedExample`s,
+        no held-out set; the regulariser's prompts are their distinct prompt texts)."""
         from accelerate import Accelerator
 
         from softpo.models import load_tokenizer
@@ -68,10 +73,13 @@ class Trainer:
                                  simpo_gamma=cfg.loss.simpo_gamma, cpo_alpha=cfg.loss.cpo_alpha,
                                  rdpo_alpha=cfg.loss.rdpo_alpha)
         self.run_dir = Path(cfg.train.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model)
-        self._load_data()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        if examples is None:
+            self._load_data()
+        else:
+            self._use_examples(examples)
         torch.manual_seed(cfg.train.seed)
-        self.policy = build_policy(cfg, self.tokenizer)
+        self.policy = policy if policy is not None else build_policy(cfg, self.tokenizer)
         self.reference = None
         if needs_reference(cfg, self.spec):
             self.reference = build_reference(cfg, self.policy, self.tokenizer, self.acc.device,
@@ -113,6 +121,14 @@ class Trainer:
             raise UserError(f"{cfg.data.train}: no usable training rows")
         self.reg_prompts = (data.read_prompts(cfg.data.regularizer_prompts)
                             if cfg.data.regularizer_prompts else data.prompts_from_examples(train))
+
+    def _use_examples(self, examples: list) -> None:
+        kinds = {e.kind for e in examples}
+        if not examples or not kinds <= COMPATIBLE[self.spec.data_kind]:
+            raise UserError(f"loss '{self.spec.name}' needs {self.spec.data_kind} data, "
+                            f"got {', '.join(sorted(kinds)) or 'no rows'}")
+        self.train_set, self.eval_set = list(examples), []
+        self.reg_prompts = list(dict.fromkeys(e.prompt_text for e in examples))
 
     def _collate(self, items: list):
         from softpo import data
@@ -331,9 +347,15 @@ class Trainer:
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.scorer).model
             out = self.run_dir / "final"
+            base = None
+            if self.cfg.lora.enabled and self.cfg.model.name_or_path == "tiny":
+                from softpo.models import build_tiny_model
+
+                base = build_tiny_model(self.cfg.model.tiny, self.tokenizer, self.cfg.train.seed)
             save_pretrained_atomic(model, self.tokenizer, out,
                                    extra_files={"config.yaml": _yaml(self.cfg),
-                                          "README.md": model_card(self.cfg, metrics)})
+                                                "README.md": model_card(self.cfg, metrics)},
+                                   base_model=base)
         self.acc.wait_for_everyone()
 
 

@@ -241,6 +241,10 @@ def closed_form(name: str, problem: Problem, alpha: float, beta: float) -> Tenso
     return None if fn is None else fn(problem, alpha, beta)
 
 
+def has_closed_form(name: str, alpha: float, beta: float) -> bool:
+    return closed_form(name, make_problem(1, 2, 0), alpha, beta) is not None
+
+
 @dataclass
 class Solution:
     logps: Tensor  # (C, K) normalised log-probs of the minimiser

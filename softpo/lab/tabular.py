@@ -81,6 +81,9 @@ def resolve(cfg: LabConfig) -> tuple[LabConfig, LossSpec]:
         (math.isfinite(cfg.reward_scale) and cfg.reward_scale > 0,
          f"--reward-scale must be > 0 (got {cfg.reward_scale})"),
     ]
+    if cfg.target == "closed" and not optima.has_closed_form(cfg.loss, cfg.alpha, beta):
+        checks.append((False, f"no closed-form optimum for '{cfg.loss}' at beta={beta}; "
+                              "use --target auto or solver"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -129,9 +132,6 @@ def predicted_optimum(problem: Problem, spec: LossSpec, cfg: LabConfig,
                       exact: Examples | None = None) -> tuple[Tensor, str, float | None]:
     """(log-probs (C, K), how it was found, solver gradient norm or None)."""
     closed = optima.closed_form(spec.name, problem, cfg.alpha, cfg.beta)
-    if cfg.target == "closed" and closed is None:
-        raise UserError(f"no closed-form optimum for '{spec.name}' at beta={cfg.beta}; "
-                        "use --target solver")
     if closed is not None and cfg.target != "solver":
         return closed, "closed", None
     if exact is None:
