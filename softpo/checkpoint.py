@@ -69,7 +69,7 @@ def save(root: Path, step: int, save_state, trainer_state: dict[str, Any], keep:
     """
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    error: OSError | None = None
+    error: Exception | None = None
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         for debris in root.glob(".tmp-*"):
@@ -77,7 +77,7 @@ def save(root: Path, step: int, save_state, trainer_state: dict[str, Any], keep:
     barrier()
     try:
         save_state(tmp)
-    except OSError as e:
+    except Exception as e:  # a full disk: OSError, or SafetensorError / RuntimeError from libraries
         error = e
     barrier()
     if is_main and error is None:
@@ -90,7 +90,7 @@ def save(root: Path, step: int, save_state, trainer_state: dict[str, Any], keep:
             os.replace(tmp, final)
             _fsync_dir(root)
             prune(root, keep)
-        except OSError as e:
+        except Exception as e:
             error = e
     barrier()
     if error is not None:
@@ -98,8 +98,9 @@ def save(root: Path, step: int, save_state, trainer_state: dict[str, Any], keep:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_complete(root)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {error}"
         raise CheckpointError(f"could not write checkpoint for step {step}: "
-                              f"{error.strerror or error}{kept}") from None
+                              f"{reason}{kept}") from None
     return final
 
 

@@ -8,6 +8,7 @@ Every field carries its documentation in `metadata["help"]`; `docs/config.md` is
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -40,6 +41,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
+    """The policy model, its tokenizer and the reference."""
+
     name_or_path: str = doc("tiny", "Hub name or local folder of a causal LM; `tiny` builds a small "
                             "model with a byte-level tokenizer locally; `default` is the cached "
                             "SmolLM2-135M-Instruct (see `softpo models fetch-default`).")
@@ -50,11 +53,19 @@ class ModelConfig:
     trust_remote_code: bool = doc(False, "Allow model code from the hub. Off unless you turn it on.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     attn_implementation: str | None = doc(None, "`eager`, `sdpa`, ...; None lets transformers choose.")
+    packing: str = doc("none", "Layout of a preference example in the forward pass. `none`: one "
+                       "padded row per response, [prompt, response]. `shared_prompt`: one row per "
+                       "example, [prompt, response_1, ..., response_n], with a 4-D attention mask "
+                       "so each response sees the prompt and itself only: the prompt is computed "
+                       "once instead of n times (same log-probs; needs attn_implementation `sdpa` "
+                       "or `eager` and a plain linear output layer).")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters (PEFT). With LoRA the reference is the same model with the adapter disabled."""
+
     enabled: bool = doc(False, "Train a LoRA adapter (PEFT); the reference is the adapter disabled.")
     r: int = doc(16, "LoRA rank.")
     alpha: int = doc(32, "LoRA scaling numerator (lora_alpha).")
@@ -64,6 +75,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    """Preference data, truncation and the regulariser's prompt set (see `softpo data check`)."""
+
     train: str = doc("", "Training preferences: JSONL/JSON/CSV/Parquet file, a local HF dataset "
                      "folder, or a hub dataset name (`name` or `name:split`).")
     eval: str | None = doc(None, "Held-out preferences (same formats). None: split off `eval_fraction`.")
@@ -84,6 +97,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The loss from the registry and its hyper-parameters (`softpo losses` lists the losses)."""
+
     name: str = doc("spo", "Loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, rdpo, "
                     "cdpo, robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them).")
     alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). Must be > 0.")
@@ -94,10 +109,21 @@ class LossConfig:
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
     cpo_alpha: float = doc(1.0, "CPO weight of the behaviour-cloning (NLL) term.")
     rdpo_alpha: float = doc(0.0, "R-DPO length penalty coefficient.")
+    precompute_ref_logps: bool = doc(False, "Reference-based losses (dpo, ipo, ...): compute the "
+                                     "reference log-probs of every train/eval response once before "
+                                     "training and read them from a cache instead of running the "
+                                     "reference forward each step; the separate reference model is "
+                                     "then freed unless the regulariser needs it (see "
+                                     "softpo/refcache.py).")
+    ref_cache_dir: str | None = doc(None, "Folder of cached reference log-probs (safetensors, keyed "
+                                    "by the reference weights, precision and the tokenised data). "
+                                    "None: `$SOFTPO_CACHE/ref_logps` (default ~/.cache/softpo).")
 
 
 @dataclass
 class RegularizerConfig:
+    """SPO's global KL regulariser KL(pi || pi_ref), estimated on fresh samples from the policy at temperature 1. Active for SPO losses when `loss.beta > 0`."""
+
     estimator: str = doc("token", "Global KL estimator on fresh samples: `token` (exact per-position KL "
                          "along sampled prefixes; low variance), `seq` (score function with "
                          "leave-one-out baseline; unbiased) or `token_sf` (token + score-function "
@@ -110,6 +136,8 @@ class RegularizerConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
     lr: float = doc(5e-6, "Peak learning rate (AdamW).")
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     adam_betas: list[float] = doc([0.9, 0.999], "AdamW betas.")
@@ -121,6 +149,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop: steps, batches, logging, evaluation, checkpoints."""
+
     output_dir: str = doc("runs/softpo", "Run directory: config, metrics, TensorBoard, checkpoints.")
     max_steps: int = doc(100, "Optimiser steps (one step = batch_size x grad_accum x processes rows).")
     batch_size: int = doc(8, "Rows per micro-batch per process.")
@@ -139,6 +169,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole run."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,27 +184,46 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file's values, then `a.b=value` overrides; validated."""
-    cfg = Config()
+    cfg, origins = Config(), {}  # dotted key -> where its value came from, for error messages
     if path is not None:
-        merge(cfg, read_yaml(Path(path)), source=str(path))
+        values = read_yaml(Path(path))
+        merge(cfg, values, source=str(path))
+        origins.update(dict.fromkeys(_dotted_keys(values), str(path)))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' must look like section.key=value")
         set_dotted(cfg, key.strip(), parse_value(raw), source="command line")
-    validate(cfg)
+        origins = {k: v for k, v in origins.items() if not k.startswith(key.strip() + ".")}
+        origins[key.strip()] = "command line"
+    validate(cfg, origins)
     return cfg
+
+
+def _dotted_keys(values: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        out += _dotted_keys(value, dotted + ".") if isinstance(value, dict) else [dotted]
+    return out
 
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError("config file not found", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe: no Python objects, ever
+    except OSError as e:
+        raise UserError(f"cannot read config file ({e.strerror or e})", source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raw = path.read_bytes()
+        raise UserError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
+                        source=str(path), row=raw[:e.start].count(b"\n") + 1) from None
+    except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"not valid YAML ({type(e).__name__})", source=str(path),
-                        row=None if line is None else line + 1) from None
+        problem = getattr(e, "problem", None)
+        raise UserError(f"not valid YAML ({type(e).__name__}{': ' + problem if problem else ''})",
+                        source=str(path), row=None if line is None else line + 1) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -200,12 +251,18 @@ def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
 def set_dotted(obj: Any, key: str, value: Any, source: str, prefix: str = "") -> None:
     *parents, leaf = key.split(".")
     for part in parents:
-        if not dataclasses.is_dataclass(obj) or part not in _field_types(type(obj)):
-            raise UserError(f"unknown config section '{prefix}{part}'", source=source)
+        fields = _field_types(type(obj))
+        if part not in fields:
+            raise UserError(f"unknown config section '{prefix}{part}'{_suggest(part, fields)}",
+                            source=source)
+        if not dataclasses.is_dataclass(fields[part]):
+            raise UserError(f"config key '{prefix}{part}' is a value, not a section", source=source)
         obj, prefix = getattr(obj, part), f"{prefix}{part}."
     types_ = _field_types(type(obj))
     if leaf not in types_:
-        raise UserError(f"unknown config key '{prefix}{leaf}'{_suggest(leaf, types_)}", source=source)
+        what = "section" if isinstance(value, dict) else "key"
+        raise UserError(f"unknown config {what} '{prefix}{leaf}'{_suggest(leaf, types_)}",
+                        source=source)
     if dataclasses.is_dataclass(types_[leaf]) and isinstance(value, dict):
         merge(getattr(obj, leaf), value, source, prefix=f"{prefix}{leaf}.")
         return
@@ -213,16 +270,19 @@ def set_dotted(obj: Any, key: str, value: Any, source: str, prefix: str = "") ->
 
 
 def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check a value against a field's annotation; ints are accepted for floats."""
+    """Check a value against a field's annotation; ints are accepted for floats, which must be
+    finite; list items are checked against the list's item type."""
     options = typing.get_args(tp) if _is_union(tp) else (tp,)
     for option in options:
         if option is type(None) and value is None:
             return None
         base = typing.get_origin(option) or option
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if base is float and (isinstance(value, (int, float)) and not isinstance(value, bool)
+                              or isinstance(value, str) and _is_number(value)):
+            if not math.isfinite(float(value)):  # YAML 1.1 reads `1e-5` (no dot) as a string
+                raise UserError(f"config key '{key}': must be a finite number, got {value!r}",
+                                source=source)
             return float(value)
-        if base is float and isinstance(value, str) and _is_number(value):
-            return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base is bool and isinstance(value, bool):
@@ -230,7 +290,9 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if base is str and isinstance(value, str):
             return value
         if base is list and isinstance(value, list):
-            return list(value)
+            item = (typing.get_args(option) or (Any,))[0]
+            return [v if item is Any else coerce(v, item, f"{key}[{i}]", source)
+                    for i, v in enumerate(value)]
     expected = " or ".join(_type_name(o) for o in options)
     raise UserError(f"config key '{key}': expected {expected}, got {value!r}", source=source)
 
@@ -248,6 +310,8 @@ def _is_union(tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a section (mapping of keys)"
     return "null" if tp is type(None) else getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
 
 
@@ -265,10 +329,15 @@ def _suggest(name: str, options: dict) -> str:
 
 # ---------------------------------------------------------------- validation
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Out-of-range values raise `UserError` naming the key (and the file or command line that
+    set it, from `origins`: dotted key or section -> source)."""
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
-            raise UserError(f"config key '{key}': {what}")
+            parts = key.split(".")
+            heads = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+            source = next((origins[h] for h in heads if h in (origins or {})), None)
+            raise UserError(f"config key '{key}': {what}", source=source)
 
     need(cfg.loss.alpha > 0, "loss.alpha", f"must be > 0, got {cfg.loss.alpha}")
     need(cfg.loss.beta >= 0, "loss.beta", f"must be >= 0, got {cfg.loss.beta}")
@@ -298,6 +367,28 @@ def validate(cfg: Config) -> None:
     need(cfg.regularizer.max_new_tokens >= 1, "regularizer.max_new_tokens", "must be >= 1")
     need(cfg.regularizer.sample_every >= 1, "regularizer.sample_every", "must be >= 1")
     need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
+    need(cfg.model.packing in ("none", "shared_prompt"), "model.packing",
+         f"must be none or shared_prompt, got {cfg.model.packing!r}")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(cfg.optim.adam_eps >= 0, "optim.adam_eps", "must be >= 0")
+    need(len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
+         "optim.adam_betas", f"must be two numbers in [0, 1), got {cfg.optim.adam_betas}")
+    need(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    need(bool(cfg.train.output_dir.strip()), "train.output_dir", "must not be empty")
+    need(cfg.train.seed >= 0, "train.seed", "must be >= 0")
+    need(cfg.train.save_total_limit >= 0, "train.save_total_limit", "must be >= 0")
+    need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(set(cfg.train.report_to) <= {"tensorboard", "jsonl"}, "train.report_to",
+         f"known sinks are tensorboard and jsonl, got {cfg.train.report_to}")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if cfg.model.name_or_path == "tiny":  # learned positions (gpt2) cannot go past n_positions
+        d = cfg.data
+        longest = max(d.max_length, d.max_prompt_length + cfg.regularizer.max_new_tokens)
+        need(longest <= cfg.model.tiny.n_positions, "model.tiny.n_positions",
+             f"{cfg.model.tiny.n_positions} is shorter than the longest sequence ({longest}: "
+             "data.max_length, or data.max_prompt_length + regularizer.max_new_tokens)")
     from softpo.losses import LOSSES  # late import: losses is pure maths and does not import config
 
     need(cfg.loss.name in LOSSES, "loss.name",

@@ -17,7 +17,12 @@ class UserError(Exception):
                  field: str | None = None):
         self.source, self.row, self.field = source, row, field
         self.detail = message
-        super().__init__(format_location(source, row, field) + message)
+        super().__init__(one_line(format_location(source, row, field) + message))
+
+
+def one_line(text: str) -> str:
+    """Line breaks that came from user input (a key, a cell, a file name) are shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def format_location(source: str | None, row: int | None, field: str | None) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from softpo.logprobs import Reference, Rows, token_logps
-from softpo.sampling import SampleBatch, left_pad, sample
+from softpo.sampling import SampleBatch, sample
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -51,15 +51,18 @@ def score_samples(model, reference: Reference | None, batch: SampleBatch) -> tup
 
 
 @torch.no_grad()
-def evaluate_samples(model, tokenizer, prompts: list[list[int]], reference: Reference | None,
-                     k: int, max_new_tokens: int, seed: int, batch_size: int = 16,
-                     reward_fn: Callable[[str, str], float] | None = None, prompt_texts=None,
+def evaluate_samples(model, tokenizer, prompts: list, data_cfg, reference: Reference | None, k: int,
+                     max_new_tokens: int, seed: int, batch_size: int = 16,
+                     reward_fn: Callable[[object, str], float] | None = None,
                      success_threshold: float = 1.0, progress=None) -> tuple[SampleMetrics, list]:
-    """Sample k responses per prompt and measure them. Returns metrics and (prompt, text, reward)."""
+    """Sample k responses per prompt (rendered exactly as training renders prompts) and measure
+    them. Returns the metrics and one (prompt, response, reward) record per sample."""
+    from softpo.collate import prompt_batch
+
     pol, ref, lengths, texts, owners = [], [], [], [], []
+    device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id)
-        device = next(model.parameters()).device
+        ids, mask = prompt_batch(prompts[start:start + batch_size], tokenizer, data_cfg)
         batch = sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens,
                        seed + start)
         p, r = score_samples(model, reference, batch)
@@ -71,9 +74,8 @@ def evaluate_samples(model, tokenizer, prompts: list[list[int]], reference: Refe
         if progress is not None:
             progress.update(ids.shape[0])
     pol_t, ref_t = torch.cat(pol), torch.cat(ref)
-    rewards = None
-    if reward_fn is not None:
-        rewards = [float(reward_fn(prompt_texts[o], t)) for o, t in zip(owners, texts)]
+    rewards = None if reward_fn is None else \
+        [float(reward_fn(prompts[o], t)) for o, t in zip(owners, texts)]
     metrics = SampleMetrics(
         kl=float((pol_t - ref_t).mean()) if reference is not None else float("nan"),
         entropy=float(-pol_t.mean()), length=float(torch.cat(lengths).mean()),
@@ -81,7 +83,7 @@ def evaluate_samples(model, tokenizer, prompts: list[list[int]], reference: Refe
         reward=None if rewards is None else sum(rewards) / len(rewards),
         success=None if rewards is None else
         sum(r >= success_threshold for r in rewards) / len(rewards))
-    records = [(prompt_texts[o] if prompt_texts else o, t, None if rewards is None else rewards[i])
+    records = [(prompts[o], t, None if rewards is None else rewards[i])
                for i, (o, t) in enumerate(zip(owners, texts))]
     return metrics, records
 

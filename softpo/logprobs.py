@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from softpo.losses import exact_token_kl
+from softpo.packing import PackedRows
 
 DEFAULT_CHUNK = 1024
 
@@ -61,6 +62,29 @@ def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     target[:, 0] = False  # the first token has no predecessor
     rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
     return ResponseStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, cols)
+
+
+def packed_states(model: nn.Module, packed: PackedRows) -> ResponseStates:
+    """Shared-prompt rows (see softpo/packing.py): one decoder run per example; the states are
+    indexed by response (`rows` = response index) so that sums over `cols` give per-response sums."""
+    inner = hf_model(model)
+    out = inner.base_model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                           position_ids=packed.position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
+    return ResponseStates(hidden[packed.rows, packed.prev], packed.input_ids[packed.rows, packed.cols],
+                          packed.owner, packed.cols)
+
+
+def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int) -> Tensor:
+    """Per-token log-probs of the response tokens on an (R, T) grid, R = responses, 0 elsewhere:
+    from padded rows (column t = position t) or packed rows (column = position in the packed row)."""
+    if isinstance(rows, PackedRows):
+        states, shape = packed_states(model, rows), (rows.num_responses, rows.input_ids.shape[1])
+    else:
+        states = response_states(model, rows.input_ids, rows.attention_mask, rows.response_mask)
+        shape = tuple(rows.input_ids.shape)
+    head = hf_model(model).get_output_embeddings()
+    return scatter_rows(label_logps(states, head, chunk_size), states, shape)
 
 
 def _label_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
@@ -179,7 +203,7 @@ class PolicyScorer(nn.Module):
     def _ctx(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
 
-    def forward(self, rows: Rows, samples: Rows | None = None, ref_sample_hidden: Tensor | None = None,
+    def forward(self, rows: Rows | PackedRows, samples: Rows | None = None, ref_sample_hidden: Tensor | None = None,
                 ref_head: Callable[[Tensor], Tensor] | None = None) -> Scores:
         device = rows.input_ids.device
         with self._ctx(device):
@@ -201,11 +225,8 @@ class PolicyScorer(nn.Module):
             kl, lp = token_kl_and_logps(states, ref_sample_hidden, head, ref_head, self.chunk_size)
             return Scores(logps, scatter_rows(lp, states, shape), scatter_rows(kl, states, shape))
 
-    def _score(self, rows: Rows) -> Tensor:
-        states = response_states(self.model, rows.input_ids, rows.attention_mask, rows.response_mask)
-        head = hf_model(self.model).get_output_embeddings()
-        values = label_logps(states, head, self.chunk_size)
-        return scatter_rows(values, states, tuple(rows.input_ids.shape))
+    def _score(self, rows: Rows | PackedRows) -> Tensor:
+        return score_tokens(self.model, rows, self.chunk_size)
 
 
 class Reference:
@@ -224,7 +245,12 @@ class Reference:
         return peft.disable_adapter() if self.adapter_toggle else nullcontext()
 
     @torch.no_grad()
-    def sequence_logps(self, rows: Rows) -> Tensor:  # (R,)
+    def sequence_logps(self, rows: Rows | PackedRows) -> Tensor:  # (R,)
+        if isinstance(rows, PackedRows):
+            ctx = torch.autocast(rows.input_ids.device.type, dtype=torch.bfloat16) \
+                if self.autocast else nullcontext()
+            with self.disabled(), ctx:
+                return score_tokens(self.model, rows, self.chunk_size).sum(-1)
         with self.disabled():
             return sequence_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
                                   self.chunk_size, self.autocast)

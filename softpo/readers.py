@@ -78,7 +78,7 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[int, Any]]:
                 yield line, text
                 continue
             try:
-                rec = json.loads(text)
+                rec = json.loads(text.rstrip("\r\n"))  # an error at the end is on this line
             except json.JSONDecodeError as e:
                 yield line, BadRowError(f"not valid JSON ({e.msg} at column {e.colno})",
                                         reason="malformed_json", source=name, row=line)

@@ -31,6 +31,7 @@ from softpo.losses import KL_ESTIMATORS, LOSSES, ListLogps, LossParams, SampleLo
 from softpo.sampling import SampleBatch, sample
 from softpo.tracking import MetricsWriter
 
+SAMPLES = "regularizer_samples_{}.safetensors"  # in checkpoints, one per process
 COMPATIBLE = {"pairs": {"pairs"}, "best_of_n": {"pairs", "best_of_n", "ranked"},
               "ranked": {"pairs", "ranked"}}
 
@@ -84,6 +85,10 @@ class Trainer:
         if needs_reference(cfg, self.spec):
             self.reference = build_reference(cfg, self.policy, self.tokenizer, self.acc.device,
                                              DEFAULT_CHUNK)
+        self.pack_style = self._packing_style()
+        self.ref_cache = None
+        if cfg.loss.precompute_ref_logps and self.spec.needs_ref:
+            self._use_ref_cache()
         scorer = PolicyScorer(self.policy, DEFAULT_CHUNK, autocast=cfg.model.autocast_bf16)
         optimizer = build_optimizer(cfg, scorer)
         self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)
@@ -102,8 +107,11 @@ class Trainer:
         if not cfg.data.train:
             raise UserError("config key 'data.train': give a preference file or dataset")
         train, self.data_report = data.load_preferences(cfg.data.train, cfg.data)
+        self.data_reports = [self.data_report]  # printed when training starts
+        eval_report = self.data_report  # held-out rows split off train are counted with it
         if cfg.data.eval:
-            evals, _ = data.load_preferences(cfg.data.eval, cfg.data)
+            evals, eval_report = data.load_preferences(cfg.data.eval, cfg.data)
+            self.data_reports.append(eval_report)
         elif cfg.data.eval_fraction > 0 and len(train) >= 10:
             order = stream_indices(len(train), 0, len(train), cfg.train.seed + 7)
             cut = max(1, int(len(train) * cfg.data.eval_fraction))
@@ -116,7 +124,7 @@ class Trainer:
             raise UserError(f"loss '{self.spec.name}' needs {self.spec.data_kind} data, but "
                             f"{cfg.data.train} holds {', '.join(sorted(kinds))} rows")
         self.train_set = data.tokenize_examples(train, self.tokenizer, cfg.data, self.data_report)
-        self.eval_set = data.tokenize_examples(evals, self.tokenizer, cfg.data)
+        self.eval_set = data.tokenize_examples(evals, self.tokenizer, cfg.data, eval_report)
         if not self.train_set:
             raise UserError(f"{cfg.data.train}: no usable training rows")
         self.reg_prompts = (data.read_prompts(cfg.data.regularizer_prompts)
@@ -156,10 +164,13 @@ class Trainer:
         samples = sample(self.acc.unwrap_model(self.scorer).model, self.tokenizer,
                          ids.to(self.acc.device), mask.to(self.acc.device), rc.samples_per_prompt,
                          rc.max_new_tokens, seed)
-        token = rc.estimator.startswith("token")
+        self.reg = self._regularizer_state(samples)
+
+    def _regularizer_state(self, samples: SampleBatch) -> RegularizerState:
+        """The samples and the reference's view of them (no grad)."""
+        token = self.cfg.regularizer.estimator.startswith("token")
         hidden = self.reference.sample_hidden(samples.rows) if token else None
-        ref_lp = self.reference.token_logps(samples.rows)
-        self.reg = RegularizerState(samples, hidden, ref_lp)
+        return RegularizerState(samples, hidden, self.reference.token_logps(samples.rows))
 
     def regularizer_loss(self, scores, stats: StepStats) -> Tensor:
         s = self.reg.samples
@@ -175,14 +186,55 @@ class Trainer:
         stats.add("sample_length", s.response_lengths.float())
         return self.cfg.loss.beta * out.surrogate.mean()
 
+    # ------------------------------------------------------------------ speed features
+
+    def _packing_style(self) -> str | None:
+        """None for padded rows; the 4-D mask style for `model.packing=shared_prompt`."""
+        if self.cfg.model.packing == "none":
+            return None
+        from softpo.logprobs import has_plain_head
+        from softpo.packing import mask_style
+
+        try:
+            style = mask_style(self.policy)
+        except ValueError as e:
+            raise UserError(f"config key 'model.packing': {e}") from None
+        if not has_plain_head(self.policy):
+            raise UserError("config key 'model.packing': shared_prompt needs a plain linear output "
+                            "layer; this model scales or caps its logits")
+        return style
+
+    def _use_ref_cache(self) -> None:
+        """Reference log-probs from the cache (softpo/refcache.py); the separate reference model is
+        freed when nothing else needs it."""
+        from softpo import refcache
+
+        self.ref_cache = refcache.load_or_build(self)
+        if not regularizer_active(self.cfg, self.spec) and not self.reference.adapter_toggle:
+            self.reference = None
+
+    def rows(self, batch):
+        """The layout the forward pass runs: padded rows, or shared-prompt packed rows."""
+        if self.pack_style is None:
+            return Rows(batch.input_ids, batch.attention_mask, batch.response_mask)
+        from softpo.packing import pack_shared_prompt
+
+        return pack_shared_prompt(batch.input_ids, batch.response_mask, batch.response_valid,
+                                  self.tokenizer.pad_token_id, self.pack_style)
+
+    def ref_logps(self, batch, rows) -> Tensor:  # (R,)
+        if self.ref_cache is not None:
+            return self.ref_cache.lookup(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return self.reference.sequence_logps(rows)
+
     # ------------------------------------------------------------------ one step
 
     def forward_loss(self, batch, with_samples: bool, stats: StepStats, scale: float) -> Tensor:
-        rows = Rows(batch.input_ids, batch.attention_mask, batch.response_mask)
+        rows = self.rows(batch)
         B, n = batch.response_valid.shape
         ref_logps = None
         if self.spec.needs_ref:
-            ref_logps = self.reference.sequence_logps(rows).view(B, n)
+            ref_logps = self.ref_logps(batch, rows).view(B, n)
         samples = self.reg.samples.rows if with_samples else None
         hidden = self.reg.ref_hidden if with_samples else None
         head = self.reference.head if (with_samples and hidden is not None) else None
@@ -273,13 +325,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.scorer.parameters())
+
     def save_checkpoint(self) -> None:
+        """Never during a run of non-finite steps, nor of non-finite parameters: such a checkpoint
+        would prune the last good ones."""
+        if self.nonfinite_in_a_row or not self.params_finite():
+            self.acc.print(f"softpo: step {self.step}: non-finite loss, gradients or parameters; "
+                           "checkpoint not written (the last good one is kept)")
+            return
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "loss": self.cfg.loss.name}
-        checkpoint.save(self.run_dir / "checkpoints", self.step,
-                        lambda d: self.acc.save_state(str(d), safe_serialization=True), state,
+        checkpoint.save(self.run_dir / "checkpoints", self.step, self._save_state, state,
                         self.cfg.train.save_total_limit, self.acc.is_main_process,
                         self.acc.wait_for_everyone)
+
+    def _save_state(self, directory: Path) -> None:
+        """Accelerate's state, and this process's regulariser samples: they were drawn from the
+        policy of the last refresh step, which a resumed run can no longer sample from."""
+        self.acc.save_state(str(directory), safe_serialization=True)
+        if self.reg is not None:
+            from safetensors.torch import save_file
+
+            s = self.reg.samples
+            tensors = {"input_ids": s.rows.input_ids, "attention_mask": s.rows.attention_mask,
+                       "response_mask": s.rows.response_mask,
+                       "response_lengths": s.response_lengths, "finished": s.finished}
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(directory / SAMPLES.format(self.acc.process_index)),
+                      metadata={"num_prompts": str(s.num_prompts), "k": str(s.samples_per_prompt)})
+
+    def _load_samples(self, directory: Path) -> None:
+        path = directory / SAMPLES.format(self.acc.process_index)
+        self.reg = None  # without saved samples they are redrawn at the last refresh step
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(self.acc.device)) as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        samples = SampleBatch(Rows(t["input_ids"], t["attention_mask"], t["response_mask"]),
+                              int(meta["num_prompts"]), int(meta["k"]), t["response_lengths"],
+                              t["finished"])
+        self.reg = self._regularizer_state(samples)
 
     def resume(self) -> bool:
         last = checkpoint.latest_complete(self.run_dir / "checkpoints")
@@ -290,7 +379,7 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.reg = None  # samples are redrawn from the step's seed
+        self._load_samples(last)
         return True
 
     # ------------------------------------------------------------------ the run
@@ -302,6 +391,8 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        for report in getattr(self, "data_reports", []):
+            self.acc.print(report.summary())
         if c.resume and self.resume():
             self.acc.print(f"resumed from step {self.step}")
         if self.reg is None and regularizer_active(self.cfg, self.spec) and self.step > 0:
@@ -343,6 +434,11 @@ class Trainer:
         from softpo.models import save_pretrained_atomic
         from softpo.report import model_card
 
+        if not self.params_finite():
+            last = checkpoint.latest_complete(self.run_dir / "checkpoints")
+            where = f"; last good checkpoint: {last}" if last else ""
+            raise NonFiniteError(f"parameters are non-finite at step {self.step}; the final model "
+                                 f"was not saved{where}")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.scorer).model

@@ -2,8 +2,8 @@
 
 Theory (DESIGN.md 1.2, softpo/lab/optima.py): under Bradley-Terry / Luce / Plackett-Luce data with
 every pair covered, SPO at beta = 0 is minimised by softmax(r / alpha) whatever pi_ref is; DPO by
-pi_ref exp(r / beta); SPO with beta > 0 by the minimiser of pref + beta KL(pi || pi_ref), found by the
-solver. Problems are small (K <= 8) so that everything runs in seconds.
+pi_ref exp(r / beta); SPO with beta > 0 by the minimiser of pref + beta KL(pi || pi_ref), found by
+the solver. Problems are small (K <= 8) so that everything runs in seconds.
 """
 
 import json
@@ -48,7 +48,8 @@ def test_pair_probabilities_by_hand():
         data = optima.enumerate_data(problem, "pairs", 2, sampler)
         assert len(data) == 6
         for (a, b), w in zip(data.resp.tolist(), data.weight):
-            pair = 1 / 3 if sampler == "uniform" else p[a] * p[b] * (1 / (1 - p[a]) + 1 / (1 - p[b]))
+            drawn = p[a] * p[b] * (1 / (1 - p[a]) + 1 / (1 - p[b]))
+            pair = 1 / 3 if sampler == "uniform" else drawn
             assert w.item() == pytest.approx((pair * torch.sigmoid(r[a] - r[b])).item(), rel=1e-12)
 
 
@@ -101,7 +102,8 @@ def test_exact_objective_training_reaches_closed_form(overrides):
 @pytest.mark.parametrize("sampler", ["uniform", "ref"])
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_solver_equals_closed_form(name, kind, sampler, alpha):
-    """Newton on the exact objective converges (|grad| < 1e-10) to the closed form (DPO: beta = alpha)."""
+    """Newton on the exact objective, from pi_ref, converges (|grad| < 1e-10) to the closed form
+    (for DPO with beta = alpha)."""
     problem = optima.make_problem(2, 5, seed=4)
     beta = alpha if name == "dpo" else 0.0
     sol = solve(problem, name, alpha, beta, kind, sampler)
@@ -112,7 +114,7 @@ def test_solver_equals_closed_form(name, kind, sampler, alpha):
 
 def test_spo_optimum_ignores_reference_dpo_does_not():
     """Same rewards, two references; responses drawn from pi_ref, so even the data differ. SPO's
-    minimiser is softmax(r/alpha) under both; DPO's moves with pi_ref, as pi_ref exp(r/beta) says."""
+    minimiser is softmax(r/alpha) under both; DPO's moves with pi_ref as pi_ref exp(r/beta) says."""
     a = optima.make_problem(1, 6, seed=5)
     b = optima.Problem(a.rewards, torch.log_softmax(-2 * a.ref_logps, -1))
     spo_a, spo_b = (solve(p, "spo", 1.0, sampler="ref").logps for p in (a, b))
@@ -126,9 +128,9 @@ def test_spo_optimum_ignores_reference_dpo_does_not():
 
 def test_spo_with_kl_sits_between_softmax_and_reference():
     """theta_beta minimises f + beta g (f: preference loss, g = KL(pi || pi_ref)). Comparing the
-    optimality of theta_b1, theta_b2 for b1 < b2: g(theta_beta) is non-increasing and f non-decreasing
-    in beta, with g(theta_0) = KL(softmax(r/alpha) || pi_ref) and f(theta_0) = min f. The gradient
-    of the exact objective vanishes at each solution."""
+    optimality of theta_b1, theta_b2 for b1 < b2: g(theta_beta) is non-increasing and f
+    non-decreasing in beta, with g(theta_0) = KL(softmax(r/alpha) || pi_ref) and f(theta_0) = min f.
+    The gradient of the exact objective vanishes at each solution."""
     problem = optima.make_problem(2, 5, seed=6)
     spec, data = get_loss("spo"), optima.enumerate_data(problem, "pairs", 2, "uniform")
     params = LossParams(alpha=1.0)
@@ -232,10 +234,12 @@ def test_table_runs_every_variant(tmp_path):
     assert "| spo_ranked |" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args", [["--alpha", "0"], ["--alpha", "-1"], ["--alpha", "nan"],
-                                  ["--beta", "-0.1"], ["--k", "1"], ["--loss", "nope"],
-                                  ["--loss", "dpo", "--beta", "0"], ["--loss", "spo", "--data", "ranked"],
-                                  ["--n", "9", "--k", "8"], ["--target", "closed", "--beta", "0.1"]])
+BAD = [["--alpha", "0"], ["--alpha", "-1"], ["--alpha", "nan"], ["--beta", "-0.1"], ["--k", "1"],
+       ["--loss", "nope"], ["--loss", "dpo", "--beta", "0"], ["--loss", "spo", "--data", "ranked"],
+       ["--n", "9", "--k", "8"], ["--target", "closed", "--beta", "0.1"], ["--pairs", "-1"]]
+
+
+@pytest.mark.parametrize("args", BAD, ids=" ".join)
 def test_bad_arguments_exit_2_with_one_line(args, capsys):
     assert main(["lab", "tabular", *args, "--no-plots"]) == 2
     captured = capsys.readouterr()

@@ -166,3 +166,10 @@ def test_tiny_run_learns_and_writes_its_run_directory(tmp_path):
     assert any("kl" in r for r in logged) and any("eval_rewards/accuracies" in r for r in logged)
     assert json.loads((run / "checkpoints" / "step-0000012" / "trainer_state.json").read_text())[
         "step"] == 12
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses; regenerate with `python -m softpo.config`."""
+    from softpo.config import reference_markdown
+
+    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown()

@@ -29,8 +29,9 @@ minimises it by damped Newton in float64.
 Predicted optima (DESIGN.md section 1.2)
 ----------------------------------------
 * SPO, beta = 0: the pair loss depends on theta only through d = theta_a - theta_b, and
-  E[l | {a, b}] = -(1/alpha) [p log sigmoid(alpha d) + (1 - p) log sigmoid(-alpha d)], p = sigmoid(r_a - r_b),
-  a cross-entropy minimised at sigmoid(alpha d) = p, i.e. alpha d = r_a - r_b for every pair at once:
+      E[l | {a, b}] = -(1/alpha) [p log sigmoid(alpha d) + (1 - p) log sigmoid(-alpha d)]
+  with p = sigmoid(r_a - r_b), a cross-entropy minimised at sigmoid(alpha d) = p, i.e.
+  alpha d = r_a - r_b, for every pair at once:
   theta = r / alpha + const, pi* = softmax(r / alpha), whatever pi_ref is. The best-of-n and ranked
   losses are cross-entropies between Luce / Plackett-Luce models with weights pi^alpha and exp(r),
   minimised at the same point.
@@ -187,21 +188,23 @@ def entropy(logps: Tensor) -> Tensor:
     return -(logps.exp() * logps).sum(-1)
 
 
-def list_logps(logits: Tensor, problem: Problem, data: Examples) -> ListLogps:
+def list_logps(logits: Tensor, problem: Problem, data: Examples,
+               with_ref: bool = True) -> ListLogps:
+    """The examples as the losses read them: each response is one token, log pi(y|x) its logp."""
     logp = torch.log_softmax(logits, -1)  # (C, K)
     rows = data.ctx[:, None]  # (N, 1)
     policy_logps = logp[rows, data.resp]  # (N, n)
     return ListLogps(policy_logps=policy_logps, lengths=torch.ones_like(policy_logps),
-                     ref_logps=problem.ref_logps[rows, data.resp])
+                     ref_logps=problem.ref_logps[rows, data.resp] if with_ref else None)
 
 
 def objective(logits: Tensor, problem: Problem, data: Examples, spec: LossSpec,
-              params: LossParams, kl_weight: float) -> Tensor:
-    """sum_i weight_i * l_i + kl_weight * mean_x KL(pi_theta || pi_ref); exact on enumerated data."""
-    out = spec.fn(list_logps(logits, problem, data), params)
+              params: LossParams, kl_coef: float) -> Tensor:
+    """sum_i weight_i * l_i + kl_coef * mean_x KL(pi_theta || pi_ref); exact on enumerated data."""
+    out = spec.fn(list_logps(logits, problem, data, spec.needs_ref), params)
     value = (data.weight * out.losses).sum()
-    if kl_weight:
-        value = value + kl_weight * kl(torch.log_softmax(logits, -1), problem.ref_logps).mean()
+    if kl_coef:
+        value = value + kl_coef * kl(torch.log_softmax(logits, -1), problem.ref_logps).mean()
     return value
 
 
@@ -285,21 +288,26 @@ def solve(problem: Problem, data: Examples, spec: LossSpec, params: LossParams, 
 
 
 def sampling_kl(problem: Problem, data: Examples, spec: LossSpec, params: LossParams, beta: float,
-                optimum: Tensor, count: int) -> float:
+                optimum: Tensor, count: int) -> float | None:
     """Expected KL(pi_hat || pi*) of the minimiser pi_hat of the objective on `count` sampled
-    examples, to first order in 1/count (the data's share of the lab's error; training adds its own).
+    examples, to first order in 1/count: the data's share of the lab's error; training adds its own.
 
     M-estimation: theta_hat - theta* = -H^+ g_N + o(1/sqrt(N)), where g_N is the mean of N i.i.d.
     per-example gradients (mean g_bar, covariance V/N, V = E[g g^T] - g_bar g_bar^T; the KL term is
     exact, not sampled) and H the Hessian of J at theta*. To second order
     KL(pi_hat || pi*) = 1/2 d^T F d with F = (1/C) blockdiag_x(diag pi_x - pi_x pi_x^T) (the softmax
     Fisher matrix), so E KL = tr(F H^+ V H^+) / (2N). `data` must be the enumerated distribution.
+    None where H is singular beyond the per-context shifts (e.g. the piecewise-linear hinge loss):
+    there the expansion does not hold.
     """
     grads = _example_grads(problem, data, spec, params, optimum)  # (N, C*K)
     mean = data.weight @ grads  # (C*K,)
     cov = (grads * data.weight[:, None]).T @ grads - torch.outer(mean, mean)
     hess = torch.autograd.functional.hessian(
         _flat_objective(problem, data, spec, params, beta), optimum.flatten())
+    evals = torch.linalg.eigvalsh(hess)
+    if (evals > 1e-9 * evals.abs().max()).sum() < problem.contexts * (problem.k - 1):
+        return None
     h_pinv = torch.linalg.pinv(hess, hermitian=True, rtol=1e-10)
     pi = optimum.exp()  # (C, K)
     fisher = torch.block_diag(*(torch.diag(p) - torch.outer(p, p) for p in pi)) / problem.contexts
@@ -313,7 +321,7 @@ def _example_grads(problem: Problem, data: Examples, spec: LossSpec, params: Los
     Loss i reads only row i of policy_logps, so one backward pass of sum_i l_i w.r.t. policy_logps
     (N, n) gives every example's own dl_i/dlogp_ij; then dlogp(y|x)/dtheta_x = e_y - pi_x.
     """
-    lp = list_logps(logps, problem, data)
+    lp = list_logps(logps, problem, data, spec.needs_ref)
     lp.policy_logps = lp.policy_logps.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(spec.fn(lp, params).losses.sum(), lp.policy_logps)  # (N, n)
     c, k = problem.contexts, problem.k

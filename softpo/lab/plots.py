@@ -1,4 +1,4 @@
-"""Pictures and Markdown for the tabular lab (matplotlib, Agg backend; imported only when writing)."""
+"""Pictures and Markdown for the tabular lab (matplotlib with the Agg backend; imported lazily)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def plot_probs(path: Path, result: dict) -> Path:
 
 
 def plot_sweep(path: Path, problem: Problem, rows: list[dict]) -> Path:
-    """Entropy of softmax(r/alpha) over alpha and of pi_ref exp(r/beta) over beta, plus trained runs."""
+    """Entropy of softmax(r/alpha) over alpha, of pi_ref exp(r/beta) over beta, and trained runs."""
     grid = torch.logspace(-1.5, 1.5, 121, dtype=torch.float64)
     spo = [optima.entropy(optima.spo_optimum(problem, a.item())).mean().item() for a in grid]
     dpo = [optima.entropy(optima.dpo_optimum(problem, b.item())).mean().item() for b in grid]
@@ -82,6 +82,8 @@ def write_report(path: Path, title: str, setup: str, table: str,
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
     return str(value)

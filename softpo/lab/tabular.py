@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ DATA_KINDS = ("pairs", "best_of_n", "ranked")
 # data a loss can read, by the kind it is registered with: a ranked list carries a Luce winner
 # (column 0), and pairs are lists of two; a pair loss needs exactly two responses.
 READABLE = {"pairs": ("pairs",), "best_of_n": DATA_KINDS, "ranked": ("pairs", "ranked")}
+SOLVER_WARN = 1e-8  # solver gradient norm above which its optimum is reported as unconverged
 DPO_DEFAULT_BETA = 1.0  # r ~ N(0, 1): beta = 1 puts DPO's optimum on the scale of SPO's alpha = 1
 
 
@@ -138,6 +140,9 @@ def predicted_optimum(problem: Problem, spec: LossSpec, cfg: LabConfig,
         exact = optima.enumerate_data(problem, cfg.data, cfg.n, cfg.sampler)
     init = optima.spo_optimum(problem, cfg.alpha) if spec.is_spo else None
     sol = optima.solve(problem, exact, spec, loss_params(cfg), cfg.beta, init=init)
+    if sol.grad_norm > SOLVER_WARN:
+        print(f"softpo: warning: the solver stopped at |grad| = {sol.grad_norm:.1e} ('{spec.name}' "
+              "may be non-smooth); kl_to_target is to its last iterate", file=sys.stderr)
     return sol.logps, "solver", sol.grad_norm
 
 
@@ -169,8 +174,9 @@ def _run(cfg: LabConfig, spec: LossSpec) -> dict:
         exact = optima.enumerate_data(problem, cfg.data, cfg.n, cfg.sampler)
     data = exact if cfg.pairs == 0 else optima.sample_data(problem, cfg.data, cfg.pairs, cfg.n,
                                                             cfg.sampler, cfg.seed)
+    train_start = time.perf_counter()
     policy = train(problem, data, spec, cfg)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - train_start
     target, how, grad_norm = predicted_optimum(problem, spec, cfg, exact)
     spo_target = optima.spo_optimum(problem, cfg.alpha)
     sampling_kl = None
@@ -206,10 +212,10 @@ def public(result: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ table & sweep
 
-TABLE_RUNS = ([("spo", a) for a in (0.5, 1.0, 2.0)] + [("spo_best_of_n", a) for a in (0.5, 1.0, 2.0)]
-              + [("spo_ranked", a) for a in (0.5, 1.0, 2.0)] + [("dpo", 1.0)])
-TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "entropy", "target_entropy",
-                 "seconds")
+TABLE_RUNS = [(name, a) for name in ("spo", "spo_best_of_n", "spo_ranked") for a in (0.5, 1.0, 2.0)]
+TABLE_RUNS += [("dpo", 1.0)]
+TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "expected_sampling_kl", "entropy",
+                 "target_entropy", "train_seconds")
 
 
 def run_table(base: LabConfig = LabConfig(), out: str | Path | None = None,
@@ -219,13 +225,18 @@ def run_table(base: LabConfig = LabConfig(), out: str | Path | None = None,
             for name, alpha in TABLE_RUNS]
     from softpo.lab import plots
 
-    table = plots.markdown_table(rows, TABLE_COLUMNS)
+    table = plots.markdown_table(_shown(rows), TABLE_COLUMNS)
     if echo:
         print(table)
     if out is not None:
         plots.write_report(Path(out) / "report.md", "softpo tabular lab: distance to the predicted "
                            "optimum", _setup_line(base), table)
     return rows
+
+
+def _shown(rows: list[dict]) -> list[dict]:
+    """Rows for a table: alpha blanked where the loss does not read it."""
+    return [r if get_loss(r["loss"]).is_spo else r | {"alpha": None} for r in rows]
 
 
 def _setup_line(cfg: LabConfig) -> str:
@@ -239,22 +250,23 @@ def _setup_line(cfg: LabConfig) -> str:
 SWEEP_KNOBS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def run_sweep(base: LabConfig, out: str | Path, echo: bool = True) -> list[dict]:
+def run_sweep(base: LabConfig, out: str | Path | None, echo: bool = True) -> list[dict]:
     """Entropy of SPO's optimum over alpha against DPO's over beta, with trained points."""
     from softpo.lab import plots
 
     rows = [public(run(replace(base, loss="spo", alpha=x, beta=0.0, data=None)))
             for x in SWEEP_KNOBS]
     rows += [public(run(replace(base, loss="dpo", beta=x, data=None))) for x in SWEEP_KNOBS]
-    problem = optima.make_problem(base.contexts, base.k, base.seed, base.reward_scale)
-    plots.plot_sweep(Path(out) / "alpha_sweep.png", problem, rows)
     columns = ("loss", "alpha", "beta", "entropy", "target_entropy", "kl_to_target")
-    table = plots.markdown_table(rows, columns)
+    table = plots.markdown_table(_shown(rows), columns)
     if echo:
         print(table)
-    plots.write_report(Path(out) / "report.md", "softpo tabular lab: entropy versus alpha (SPO) "
-                       "and beta (DPO)", _setup_line(base), table,
-                       images=["alpha_sweep.png"])
+    if out is not None:
+        problem = optima.make_problem(base.contexts, base.k, base.seed, base.reward_scale)
+        plots.plot_sweep(Path(out) / "alpha_sweep.png", problem, rows)
+        plots.write_report(Path(out) / "report.md", "softpo tabular lab: entropy versus alpha "
+                           "(SPO) and beta (DPO)", _setup_line(base), table,
+                           images=["alpha_sweep.png"])
     return rows
 
 
@@ -272,7 +284,8 @@ def tabular_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gamma", type=float, default=d.gamma, help="weighted-SPO sharpness (0: unweighted)")
     a("--k", type=int, default=d.k, help="responses per context (default %(default)s)")
     a("--contexts", type=int, default=d.contexts, help="contexts (default %(default)s)")
-    a("--n", type=int, default=d.n, help="responses per best-of-n / ranked list (default %(default)s)")
+    a("--n", type=int, default=d.n,
+      help="responses per best-of-n / ranked list (default %(default)s)")
     a("--data", choices=DATA_KINDS, default=None, help="data kind (default: the loss's own)")
     a("--sampler", choices=("uniform", "ref"), default=d.sampler,
       help="how responses are drawn: uniformly or from pi_ref (default %(default)s)")
@@ -280,19 +293,23 @@ def tabular_arguments(parser: argparse.ArgumentParser) -> None:
       help="examples to sample (default %(default)s); 0 = train on the exact expected objective")
     a("--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)")
     a("--batch-size", type=int, default=d.batch_size, help="minibatch size (default %(default)s)")
-    a("--lr", type=float, default=d.lr, help="peak learning rate, cosine to 0 (default %(default)s)")
+    a("--lr", type=float, default=d.lr,
+      help="peak learning rate, cosine to 0 (default %(default)s)")
     a("--seed", type=int, default=d.seed, help="seed of rewards, pi_ref, data and batches")
     a("--reward-scale", type=float, default=d.reward_scale, help="r ~ scale * N(0, 1)")
     a("--target", choices=("auto", "closed", "solver"), default=d.target,
       help="predicted optimum: closed form where known (auto), or the exact-objective solver")
     a("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-    a("--out", default="runs/lab_tabular", help="folder for plots and report.md (default %(default)s)")
+    a("--out", default="runs/lab_tabular",
+      help="folder for plots and report.md (default %(default)s)")
     a("--no-plots", action="store_true", help="write no files")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--table", action="store_true",
-                      help="SPO variants at alpha 0.5/1/2 and DPO: a results table and report.md")
+                      help="spo, spo_best_of_n, spo_ranked at alpha 0.5/1/2 and dpo (default "
+                      "beta), with the data/training flags given: a table and --out/report.md")
     mode.add_argument("--sweep", action="store_true",
-                      help="entropy versus alpha (SPO) and beta (DPO): alpha_sweep.png, report.md")
+                      help="entropy versus alpha (spo) and beta (dpo) at 0.25..4, with the "
+                      "data/training flags given: --out/alpha_sweep.png and report.md")
 
 
 def tabular_command(args: argparse.Namespace) -> int:
@@ -303,8 +320,7 @@ def tabular_command(args: argparse.Namespace) -> int:
     resolve(cfg)  # every bad value fails here, before any work
     out = None if args.no_plots else Path(args.out)
     if args.table or args.sweep:
-        rows = (run_table(cfg, out, echo=not args.json) if args.table
-                else run_sweep(cfg, out or Path(args.out), echo=not args.json))
+        rows = (run_table if args.table else run_sweep)(cfg, out, echo=not args.json)
         if args.json:
             print(json.dumps({"runs": rows}))
         return 0
@@ -327,7 +343,7 @@ def format_result(r: dict) -> str:
         f"{r['contexts']} context(s), alpha={r['alpha']:g}, beta={r['beta']:g}",
         f"  data      {size}, {r['sampler']} sampler, seed {r['seed']}",
         f"  training  Adam {r['steps']} steps x {r['batch_size']}, lr {r['lr']:g}, "
-        f"{r['train_seconds']:.1f} s (run {r['seconds']:.1f} s)",
+        f"{r['train_seconds']:.1f} s (whole run {r['seconds']:.1f} s)",
         f"  target    {target}",
         f"  KL(pi || target)            {r['kl_to_target']:.5f} nats",
         f"  KL(pi || softmax(r/alpha))  {r['kl_to_spo_target']:.5f} nats",

@@ -1,0 +1,226 @@
+"""One benchmark run in a fresh process: build one trainer, run `warmup + steps` optimiser steps on the
+case's rows in order, write step times, per-step model FLOPs and this process's peak RSS as JSON.
+
+    python -m bench.worker run --case gpt2-86m --variant spo --precision bf16 --steps 3 --out r.json
+    python -m bench.worker peak --out p.json      # torch.matmul peak, fp32 and bf16
+    python -m bench.worker prepare --case tiny    # build and cache the case's model and data
+
+Step time is the interval between the ends of consecutive optimiser steps, so everything a framework
+does per step (collation, logging bookkeeping, the optimiser) is inside it; setup (model loading,
+dataset preparation, any reference-log-prob precomputation) is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import assets
+from bench.cases import CASES, MAX_LENGTH, MAX_PROMPT, PAIRS, VARIANTS, Case, Variant
+from bench.flops import Shape, matmul_peak, pair_flops, regularizer_flops
+
+
+def rows_needed(steps: int) -> int:
+    return max(steps * PAIRS, 256)
+
+
+# ---------------------------------------------------------------- softpo
+
+def softpo_overrides(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
+                     out: str) -> list[str]:
+    o = {"model.name_or_path": model_dir, "model.dtype": "float32",
+         "model.autocast_bf16": precision == "bf16", "model.packing": v.packing,
+         "data.train": data, "data.eval_fraction": 0, "data.max_length": MAX_LENGTH,
+         "data.max_prompt_length": MAX_PROMPT, "loss.name": v.method, "loss.beta": v.beta,
+         "loss.alpha": 1.0, "loss.precompute_ref_logps": v.ref_cache, "lora.enabled": case.lora,
+         "regularizer.prompts_per_step": PAIRS // 2, "regularizer.samples_per_prompt": 2,
+         "regularizer.max_new_tokens": 32, "regularizer.sample_every": v.sample_every,
+         "regularizer.estimator": "token", "optim.lr": 1e-6, "optim.scheduler": "constant",
+         "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0, "train.batch_size": PAIRS,
+         "train.max_steps": 10 ** 6, "train.output_dir": out, "train.progress": False,
+         "train.report_to": "[]", "train.seed": 0}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
+               out: str) -> dict:
+    import softpo.logprobs
+    from softpo.config import load_config
+    from softpo.trainer import Trainer
+
+    t = Trainer(load_config(None, softpo_overrides(case, v, model_dir, data, precision, out)))
+    setup_end = time.perf_counter()
+    if v.full_logits:  # the unchunked baseline: full [rows, T, vocab] logits, then log-softmax
+        softpo.logprobs.has_plain_head = lambda model: False
+    t.micro_batch_items = lambda step, micro: t.train_set[step * PAIRS:(step + 1) * PAIRS]
+    sampling, samples = [0.0] * steps, [None] * steps
+    refresh = t.refresh_samples
+
+    def timed_refresh(step: int) -> None:
+        start = time.perf_counter()
+        refresh(step)
+        sampling[step] += time.perf_counter() - start
+        rows = t.reg.samples.rows
+        lengths = t.reg.samples.response_lengths
+        samples[step] = ((rows.attention_mask.sum(1) - lengths).tolist(), lengths.tolist())
+
+    t.refresh_samples = timed_refresh
+    ends = [(time.perf_counter(), time.process_time())]
+    for _ in range(steps):
+        t.train_step()
+        ends.append((time.perf_counter(), time.process_time()))
+    model = t.acc.unwrap_model(t.scorer).model
+    shape, factor = Shape.of(model), 2.0 if case.lora else 3.0
+    examples = [(len(e.prompt_ids), [len(r) for r in e.response_ids]) for e in t.train_set]
+    reference = t.spec.needs_ref and not v.ref_cache
+    flops, last = [], None
+    for step in range(steps):
+        f = sum(pair_flops(shape, p, rs, factor, reference, v.packing == "shared_prompt")
+                for p, rs in examples[step * PAIRS:(step + 1) * PAIRS])
+        if t.reg is not None:
+            last = samples[step] or last
+            f += regularizer_flops(shape, *last, factor, samples[step] is not None)
+        flops.append(f)
+    return dict(ends=ends, setup_end=setup_end, sampling=sampling, flops=flops, examples=examples,
+                shape=shape.__dict__)
+
+
+# ---------------------------------------------------------------- TRL
+
+def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
+            out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    common = dict(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps,
+                  learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
+                  bf16=precision == "bf16", use_cpu=True, gradient_checkpointing=False,
+                  logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
+                  max_grad_norm=1.0, seed=0, max_length=MAX_LENGTH, dataloader_num_workers=0)
+    peft_config = None
+    if case.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    if v.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        cls, args = DPOTrainer, DPOConfig(**common, beta=v.beta, loss_type="sigmoid",
+                                          precompute_ref_log_probs=v.ref_cache)
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        cls, args = CPOTrainer, CPOConfig(**common, beta=v.beta, loss_type="sigmoid", cpo_alpha=0.0)
+
+    class InOrder(cls):  # the same rows per step as softpo: no shuffling
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset or self.train_dataset)
+
+    ends = []
+
+    class StepTimes(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            ends.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, *a, **k):
+            ends.append((time.perf_counter(), time.process_time()))
+
+    rows = assets.read_rows(data)[:steps * PAIRS]
+    trainer = InOrder(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimes()])
+    setup_end = time.perf_counter()
+    trainer.train()
+    ds = trainer.train_dataset
+    if v.method == "dpo":
+        examples = [(len(r["prompt_ids"]), [len(r["chosen_ids"]), len(r["rejected_ids"])]) for r in ds]
+    else:
+        examples = [(len(r["prompt_input_ids"]),
+                     [len(r[f"{s}_input_ids"]) - len(r["prompt_input_ids"]) for s in ("chosen", "rejected")])
+                    for r in ds]
+    shape, factor = Shape.of(trainer.model), 2.0 if case.lora else 3.0
+    reference = v.method == "dpo" and not v.ref_cache
+    flops = [sum(pair_flops(shape, p, rs, factor, reference, False)
+                 for p, rs in examples[s * PAIRS:(s + 1) * PAIRS]) for s in range(steps)]
+    return dict(ends=ends, setup_end=setup_end, sampling=[0.0] * steps, flops=flops,
+                examples=examples, shape=shape.__dict__)
+
+
+RUNNERS = {"softpo": run_softpo, "trl": run_trl}
+
+
+# ---------------------------------------------------------------- entry points
+
+def run(args) -> dict:
+    case, v = CASES[args.case], VARIANTS[args.variant]
+    steps = args.warmup + args.steps
+    model_dir = assets.model_path(case)
+    data = assets.data_path(case, rows_needed(steps))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="softpo-bench-") as out:
+        r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out)
+    ends, w = r.pop("ends"), args.warmup
+    step_times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+    cpu_times = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
+    tokens = [sum(p * len(rs) + sum(rs) for p, rs in r["examples"][s * PAIRS:(s + 1) * PAIRS])
+              for s in range(steps)]
+    return dict(case=case.name, variant=v.name, framework=v.framework, precision=args.precision,
+                threads=_threads(), warmup=w, step_seconds=step_times[w:], all_step_seconds=step_times,
+                cpu_seconds=cpu_times[w:], load_average=os.getloadavg()[0],
+                sampling_seconds=r["sampling"][w:], flops=r["flops"][w:], tokens=tokens[w:],
+                setup_seconds=r["setup_end"] - start, shape=r["shape"],
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker")
+    p.add_argument("what", choices=["run", "peak", "prepare"])
+    p.add_argument("--case", choices=sorted(CASES))
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "peak":
+        result = {name: matmul_peak(name) for name in ("fp32", "bf16")}
+    elif args.what == "prepare":
+        case = CASES[args.case]
+        result = {"model": str(assets.model_path(case)),
+                  "data": str(assets.data_path(case, max(args.rows, 256)))}
+    else:
+        result = run(args)
+    text = json.dumps(result)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
