@@ -75,27 +75,36 @@ def regularizer_flops(shape: Shape, prompt_lengths: list[int], sample_lengths: l
     return total
 
 
-def matmul_peak(dtype_name: str, seconds: float = 3.0, sizes=(512, 1024, 2048, 3072)) -> float:
-    """Best torch.matmul GFLOP/s over square sizes, in this process's thread settings. Sizes whose
-    single product takes over a second are the last tried (bf16 without hardware support is slow)."""
+def matmul_peak(dtype_name: str, seconds: float = 3.0,
+                sizes=(512, 1024, 2048, 3072)) -> tuple[float, float]:
+    """Best GFLOP/s of torch.matmul and of F.linear (the kernel nn.Linear and autocast use, which
+    can differ) over square sizes, in this process's thread settings: per wall-clock second, and per
+    second of CPU time divided by the thread count (what the cores did while this process ran; less
+    sensitive to other processes sharing the machine). A size whose single product takes over a
+    second is the last tried (bf16 without hardware support is slow)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    best = 0.0
+    ops = {"matmul": lambda a, b: a @ b, "linear": torch.nn.functional.linear}
+    threads = torch.get_num_threads()
+    best_wall = best_cpu = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        start = time.perf_counter()
-        a @ b  # warm-up (allocations, kernel choice)
-        if time.perf_counter() - start > 1.0:
-            sizes = ()  # too slow to go larger
-        start, k = time.perf_counter(), 0
-        while True:
-            a @ b
-            k += 1
-            elapsed = time.perf_counter() - start
-            if elapsed > seconds / 4:
-                break
-        best = max(best, 2.0 * n ** 3 * k / elapsed / 1e9)
-        if not sizes:
+        slow = False
+        for op in ops.values():
+            start = time.perf_counter()
+            op(a, b)  # warm-up (allocations, kernel choice)
+            slow |= time.perf_counter() - start > 1.0
+            start, cpu, k = time.perf_counter(), time.process_time(), 0
+            while True:
+                op(a, b)
+                k += 1
+                elapsed = time.perf_counter() - start
+                if elapsed > seconds / 8:
+                    break
+            flop = 2.0 * n ** 3 * k / 1e9
+            best_wall = max(best_wall, flop / elapsed)
+            best_cpu = max(best_cpu, flop / max((time.process_time() - cpu) / threads, 1e-9))
+        if slow:
             break
-    return best
+    return best_wall, best_cpu

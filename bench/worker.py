@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "peak":
-        result = {name: matmul_peak(name) for name in ("fp32", "bf16")}
+        result = {}
+        for name in ("fp32", "bf16"):
+            result[name], result[f"{name}_cpu"] = matmul_peak(name)
     elif args.what == "prepare":
         case = CASES[args.case]
         result = {"model": str(assets.model_path(case)),

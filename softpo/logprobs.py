@@ -269,6 +269,22 @@ class Reference:
             return response_states(self.model, samples.input_ids, samples.attention_mask,
                                    samples.response_mask).hidden
 
+    @torch.no_grad()
+    def sample_view(self, samples: Rows) -> tuple[Tensor, Tensor]:
+        """One reference forward over the sampled rows: the states at the sampled positions (N, H)
+        and the sampled tokens' log-probs on the (S, T) grid (what `sample_hidden` and `token_logps`
+        give, for the price of one decoder run instead of two)."""
+        if not has_plain_head(self.model):
+            return self.sample_hidden(samples), self.token_logps(samples)
+        ctx = torch.autocast(samples.input_ids.device.type, dtype=torch.bfloat16) \
+            if self.autocast else nullcontext()
+        with self.disabled(), ctx:
+            states = response_states(self.model, samples.input_ids, samples.attention_mask,
+                                     samples.response_mask)
+            values = label_logps(states, hf_model(self.model).get_output_embeddings(),
+                                 self.chunk_size)
+        return states.hidden, scatter_rows(values, states, tuple(samples.input_ids.shape))
+
     def head(self, hidden: Tensor) -> Tensor:  # (n, H) -> (n, V), no grad
         with torch.no_grad(), self.disabled():
             return hf_model(self.model).get_output_embeddings()(hidden)

@@ -168,9 +168,9 @@ class Trainer:
 
     def _regularizer_state(self, samples: SampleBatch) -> RegularizerState:
         """The samples and the reference's view of them (no grad)."""
-        token = self.cfg.regularizer.estimator.startswith("token")
-        hidden = self.reference.sample_hidden(samples.rows) if token else None
-        return RegularizerState(samples, hidden, self.reference.token_logps(samples.rows))
+        if self.cfg.regularizer.estimator.startswith("token"):  # states and log-probs, one forward
+            return RegularizerState(samples, *self.reference.sample_view(samples.rows))
+        return RegularizerState(samples, None, self.reference.token_logps(samples.rows))
 
     def regularizer_loss(self, scores, stats: StepStats) -> Tensor:
         s = self.reg.samples
@@ -363,8 +363,8 @@ class Trainer:
             return
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(self.acc.device)) as f:
-            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k).to(self.acc.device) for k in f.keys()}
         samples = SampleBatch(Rows(t["input_ids"], t["attention_mask"], t["response_mask"]),
                               int(meta["num_prompts"]), int(meta["k"]), t["response_lengths"],
                               t["finished"])
@@ -484,11 +484,14 @@ def train_command(args) -> int:
     if args.resume:
         cfg.train.resume = True
     try:
-        metrics = Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        metrics = trainer.train()
     except NonFiniteError as e:
         raise UserError(str(e)) from None
     except checkpoint.CheckpointError as e:
         raise UserError(str(e)) from None
+    if not trainer.acc.is_main_process:
+        return 0
     keys = [k for k in ("loss", "rewards/accuracies", "eval_rewards/accuracies", "eval_pref_loss", "kl")
             if k in metrics]
     print("final: " + "  ".join(f"{k}={metrics[k]:.4f}" for k in keys))

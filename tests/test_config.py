@@ -25,6 +25,7 @@ from softpo.cli import main
 from softpo.config import Config, load_config, validate
 from softpo.errors import UserError
 
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused across examples
 ROOT = Path(__file__).resolve().parents[1]
 BAD = ROOT / "tests" / "bad_configs"
 
@@ -65,7 +66,7 @@ CASES = {
                          "'<stream end>')",
     "not_utf8.yaml": ":2: not valid UTF-8 (byte 0xff); save the file as UTF-8",
 }
-SUBPROCESS = ["python_tag.yaml", "alpha_zero.yaml"]  # the rest run in-process
+SUBPROCESS = ["python_tag.yaml"]  # the rest run in-process
 
 
 def run_cli(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -213,7 +214,7 @@ def test_any_key_and_value_is_a_config_or_a_user_error(key, value):
     parse([f"{key}={value}"])
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.text(max_size=80) | st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
 def test_any_yaml_text_is_a_config_or_a_user_error(tmp_path, text):
     path = tmp_path / "c.yaml"

@@ -107,9 +107,9 @@ def neg_len_expert(tmp_path, monkeypatch):
 
 def run(tmp_path, name, *extra):
     out = tmp_path / f"{name}.jsonl"
-    args = ["build-prefs", "--model", "tiny", "--task", "arithmetic", "--num-prompts", "6",
-            "-n", "3", "--max-new-tokens", "6", "--batch-size", "6", "--out", str(out),
-            "--no-progress", *extra]
+    source = [] if "--prompts" in extra else ["--task", "arithmetic", "--num-prompts", "6"]
+    args = ["build-prefs", "--model", "tiny", *source, "-n", "3", "--max-new-tokens", "6",
+            "--batch-size", "6", "--out", str(out), "--no-progress", *extra]
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     return out, rows, json.loads(summary_path(out).read_text())

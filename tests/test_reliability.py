@@ -21,15 +21,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from softpo import checkpoint, cli
-from softpo.config import ModelConfig, TinyModelConfig, load_config
-from softpo.data import read_prompts
+from softpo.collate import collate, tokenize_example
+from softpo.config import DataConfig, ModelConfig, TinyModelConfig, load_config
+from softpo.data import BadRowError, PreferenceExample, load_preferences, read_prompts
 from softpo.errors import NonFiniteError, UserError
 from softpo.losses import LOSSES, LossOutput
 from softpo.tracking import read_metrics
 from softpo.trainer import Trainer
 
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused across examples
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "prefs_tiny.jsonl"
 BAD = ROOT / "tests" / "bad_inputs"
@@ -180,8 +184,53 @@ def test_bad_prompt_file_through_train_and_sample(capsys, tmp_path):
 
 # ---------------------------------------------------------------- 1c. reward callables
 
-def prefs_module():
-    return pytest.importorskip("softpo.prefs", reason="softpo.prefs (build-prefs) not written yet")
+@pytest.mark.parametrize("spec", ["__import__('os').system('touch PWNED'):x", "os:system('x')",
+                                  "m:f; touch PWNED", "m:f()", " m:f", "m.f", "m:f:g", "m:",
+                                  ":f", "m/x:f", "m:f\nx"])
+def test_reward_specs_are_names_never_code(spec, tmp_path, monkeypatch):
+    """A spec is matched against `package.module:function` before anything is imported; it is
+    never evaluated."""
+    from softpo.tasks.experts import load_callable
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="must look like package.module:function"):
+        load_callable(spec)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_reward_spec_imports_only_the_module_it_names(tmp_path, monkeypatch):
+    from softpo.tasks.experts import load_callable
+
+    pkg = tmp_path / "softpo_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rewards.py").write_text("def reward(prompt, response):\n    return 1.0\n")
+    (pkg / "other.py").write_text("open('PWNED', 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    fn = load_callable("softpo_probe_pkg.rewards:reward")
+    assert fn("p", "r") == 1.0
+    assert "softpo_probe_pkg.other" not in sys.modules and not (tmp_path / "PWNED").exists()
+
+
+def test_the_working_directory_cannot_shadow_installed_modules(tmp_path):
+    """Run like the `softpo` console script (no working directory on sys.path, `python -P`):
+    naming `myexpert:reward` from the working directory puts it on sys.path *last*, so a
+    `softpo_shadow_probe.py` there does not replace the installed one imported afterwards (as
+    transformers is imported after the expert by `softpo build-prefs`)."""
+    site, work = tmp_path / "site", tmp_path / "work"
+    site.mkdir(), work.mkdir()
+    (site / "softpo_shadow_probe.py").write_text("WHERE = 'installed'\n")
+    (work / "softpo_shadow_probe.py").write_text("WHERE = 'working directory'\n")
+    (work / "myexpert.py").write_text("def reward(prompt, response):\n    return 2.0\n")
+    script = ("from softpo.tasks.experts import load_callable\n"
+              "assert load_callable('myexpert:reward')('p', 'r') == 2.0\n"
+              "import softpo_shadow_probe\nprint(softpo_shadow_probe.WHERE)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    proc = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True,
+                          cwd=work, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "installed"
 
 
 # ---------------------------------------------------------------- 2. numerical guards
@@ -371,7 +420,8 @@ def unsafe_calls(source: str) -> list[str]:
         name = (f.value.id, f.attr) if isinstance(f, ast.Attribute) and \
             isinstance(f.value, ast.Name) else (None, getattr(f, "id", None))
         if name == ("torch", "load"):
-            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            flag = kw.get("weights_only")
+            ok = isinstance(flag, ast.Constant) and flag.value is True
             if not ok:
                 problems.append(f"line {node.lineno}: torch.load without weights_only=True")
         if name in UNSAFE_CALLS or name[1] in ("eval", "exec") and name[0] is None:
@@ -478,3 +528,73 @@ def test_remote_code_is_off_unless_turned_on(saved_tiny, monkeypatch):
     seen.clear()
     load_model(dataclasses.replace(default, trust_remote_code=True), tok, seed=0)
     assert seen[0]["trust_remote_code"] is True and seen[0]["use_safetensors"] is True
+
+
+# ---------------------------------------------------------------- 5. properties (hypothesis)
+
+GOOD_ROW = b'{"prompt": "p", "chosen": "a", "rejected": "b"}'
+JSONISH = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"\n", b"\r\n",
+                           b" ", b"\xff", b"\xc3", b"\x00", b"null", b"1e999", b"NaN",
+                           b'"prompt"', b'"chosen"', b'"rejected"', b'"responses"', b'"best"',
+                           b'"ranking"', b'"scores"', b"[0, 1]", b'"x"', b"\xef\xbb\xbf",
+                           GOOD_ROW])
+FILE_BYTES = st.lists(JSONISH, max_size=40).map(b"".join) | st.binary(max_size=200)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(body=FILE_BYTES, suffix=st.sampled_from([".jsonl", ".json", ".csv"]),
+       skip=st.booleans())
+def test_any_file_is_rows_or_a_located_user_error(tmp_path, body, suffix, skip):
+    """Whatever the bytes, reading gives examples or a one-line UserError naming the file; with
+    on_bad_rows=skip every row read is either kept or counted as bad."""
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(body)
+    try:
+        examples, report = load_preferences(str(path), DataConfig(on_bad_rows="skip" if skip
+                                                                  else "error"))
+    except UserError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+        return
+    assert examples and report.rows_read == report.rows_kept + report.num_bad
+    assert all(len(ex.responses) >= 2 and ex.row >= 1 for ex in examples)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    from softpo.models import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+texts = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30).filter(
+    str.strip)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(prompt=texts, responses=st.lists(texts, min_size=2, max_size=4, unique=True),
+       max_length=st.integers(2, 40), data=st.data())
+def test_tokenize_and_collate_respect_the_length_limits(byte_tok, prompt, responses, max_length,
+                                                        data):
+    """A prompt of >= max_length tokens is a located bad row; otherwise the prompt keeps its last
+    max_prompt_length tokens, each response fits in max_length - len(prompt), and the collated
+    batch holds exactly those tokens in its response mask."""
+    max_prompt = data.draw(st.integers(1, max_length - 1))
+    cfg = DataConfig(max_length=max_length, max_prompt_length=max_prompt)
+    ex = PreferenceExample(prompt, responses, "f.jsonl", 7, "ranked")
+    full_prompt = byte_tok(prompt, add_special_tokens=True)["input_ids"]
+    try:
+        tok = tokenize_example(ex, byte_tok, cfg)
+    except BadRowError as e:
+        assert len(full_prompt) >= max_length and e.reason == "prompt_too_long"
+        assert str(e).startswith("f.jsonl:7: field 'prompt': has ")
+        return
+    assert len(full_prompt) < max_length
+    assert tok.prompt_ids == full_prompt[-max_prompt:]
+    assert tok.truncated_prompt == (len(full_prompt) > max_prompt)
+    room = max_length - len(tok.prompt_ids)
+    for text, ids in zip(responses, tok.response_ids):
+        whole = byte_tok(text, add_special_tokens=False)["input_ids"] + [byte_tok.eos_token_id]
+        assert ids == whole[:room]
+    batch = collate([tok], pad_token_id=byte_tok.pad_token_id)
+    assert batch.input_ids.shape[1] <= max_length
+    assert batch.response_lengths[0].tolist() == [len(r) for r in tok.response_ids]

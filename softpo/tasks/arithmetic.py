@@ -173,3 +173,45 @@ def score(answer: int, response: str) -> float:
 def reward(prompt: str | list[dict[str, str]], response: str) -> float:
     """Expert reward for `softpo build-prefs --expert softpo.tasks.arithmetic:reward`."""
     return score(answer_for(prompt), response)
+
+
+# ---------------------------------------------------------------- exact success probability
+
+def success_probability(model, tokenizer, prompts: list, batch_size: int = 16) -> list[float]:
+    """Per prompt, the probability that one pure sample is a success, by teacher forcing:
+
+        P(success | x) >= sum over forms y in {"c", "c."} of pi(y + end-of-turn | x)
+
+    (each form in the tokenizer's own tokenisation; other tokenisations and whitespace variants
+    also succeed but are not counted, so this is a lower bound, tight in practice). It has no
+    sampling noise: the mean over prompts is the expected success rate of a sampled evaluation."""
+    import torch
+
+    from softpo.logprobs import sequence_logps
+    from softpo.sampling import encode_prompts
+
+    rows = []  # (prompt index, prompt ids, response ids)
+    for i, prompt in enumerate(prompts):
+        ids, mask = encode_prompts(tokenizer, [prompt])
+        prompt_ids = ids[0][mask[0].bool()].tolist()
+        c = str(answer_for(prompt))
+        for form in (c, c + "."):
+            rows.append((i, prompt_ids, tokenizer(form, add_special_tokens=False)["input_ids"]
+                         + [tokenizer.eos_token_id]))
+    probs = [0.0] * len(prompts)
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(p) + len(r) for _, p, r in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        attn = torch.zeros_like(ids)
+        resp = torch.zeros_like(ids, dtype=torch.bool)
+        for j, (_, p, r) in enumerate(chunk):
+            ids[j, :len(p) + len(r)] = torch.tensor(p + r)
+            attn[j, :len(p) + len(r)] = 1
+            resp[j, len(p):len(p) + len(r)] = True
+        with torch.no_grad():
+            logps = sequence_logps(model, ids.to(device), attn.to(device), resp.to(device))  # (B,)
+        for (i, _, _), lp in zip(chunk, logps.exp().tolist()):
+            probs[i] += lp
+    return probs

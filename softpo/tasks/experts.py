@@ -6,7 +6,8 @@ Both become a *scorer*: `scorer(prompts, responses) -> list[float]`, one finite 
 
 A callable spec imports exactly the module it names (nothing is guessed), takes the attribute it
 names and checks that it is callable; every way that can fail is a one-line `UserError`. As with
-`python -m`, modules in the current directory can be named (it is put on `sys.path`).
+`python -m`, modules in the current directory can be named (it is put on `sys.path`, last, so
+that a file there never replaces an installed module softpo imports later).
 
 A reward model is an `AutoModelForSequenceClassification` with one output (`num_labels == 1`),
 loaded from safetensors only. It scores the conversation `prompt + [assistant: response]` rendered
@@ -40,7 +41,7 @@ def load_callable(spec: str) -> Callable[[Any, str], float]:
                         "(a Python module path, a colon, a function name)")
     module_name, name = spec.split(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # last: a file here must not shadow an installed module
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -99,15 +100,18 @@ class RewardModel:
                  device: str | torch.device = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from softpo.models import _check_safetensors, _friendly_errors, _resolve
-
-        source = _resolve(name_or_path)
-        if Path(source).is_dir():
-            _check_safetensors(Path(source), name_or_path)
-        with _friendly_errors(name_or_path):
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        folder = Path(name_or_path).expanduser()
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            raise UserError(f"reward model '{name_or_path}': no *.safetensors weights in {folder} "
+                            "(softpo never unpickles .bin weights)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.is_dir()
+                                                           else name_or_path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                source, use_safetensors=True, dtype=torch.float32).to(device).eval()
+                str(folder) if folder.is_dir() else name_or_path, use_safetensors=True,
+                dtype=torch.float32).to(device).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load reward model '{name_or_path}': {_one_line(e)}") from None
         if self.model.config.num_labels != 1:
             raise UserError(f"reward model '{name_or_path}' has {self.model.config.num_labels} "
                             "outputs; a reward model has one (num_labels = 1)")
