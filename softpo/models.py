@@ -18,7 +18,6 @@ a missing wheel) is a one-line `UserError` naming the model.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from softpo.checkpoint import sha256
 from softpo.config import ModelConfig, TinyModelConfig
 from softpo.errors import UserError
 
@@ -334,7 +334,7 @@ def fetch_default(force: bool = False, progress: bool = True) -> Path:
         if not force and (target / MARKER).is_file():  # another process finished first
             return target
         marker = {"source": f"{GGUF_DIST}=={GGUF_DIST_VERSION}:{GGUF_FILE}",
-                  "sha256": _sha256(gguf_path), "weights": "Q4_1 dequantised to float32",
+                  "sha256": sha256(gguf_path), "weights": "Q4_1 dequantised to float32",
                   "max_abs_logit_diff_vs_gguf": max_diff, "transformers": _version("transformers")}
         return save_pretrained_atomic(model, tokenizer, target, {MARKER: json.dumps(marker, indent=2)})
 
@@ -408,14 +408,6 @@ def _progress_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
         if bar is not None:
             gguf_utils.tqdm = bar
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _version(dist: str) -> str:

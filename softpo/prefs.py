@@ -140,13 +140,15 @@ class BuildStats:
     skipped_too_few: int = 0  # prompts with fewer than two distinct non-empty responses
     rewards: list[float] = field(default_factory=list)  # every sampled response, duplicates included
 
-    def summary(self) -> dict:
+    def summary(self, success_threshold: float | None = None) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "rewards"}
         r = self.rewards
         if r:
             out.update(reward_mean=statistics.fmean(r), reward_std=statistics.pstdev(r),
                        reward_min=min(r), reward_max=max(r),
                        reward_counts={f"{k:.4g}": v for k, v in sorted(Counter(r).items())})
+            if success_threshold is not None:  # empty responses count as failures
+                out["success_rate"] = sum(x >= success_threshold for x in r) / self.responses
         return out
 
 
@@ -173,7 +175,11 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
     With `chat`, string prompts become one user message (in the rows too: they were sampled so)."""
     from tqdm.auto import tqdm
 
-    prompts = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
+    if fmt not in FORMATS or pairing not in PAIRINGS or n < 2 or not temperature > 0:
+        raise UserError(f"build_preferences: need fmt in {FORMATS}, pairing in {PAIRINGS}, n >= 2 "
+                        f"and temperature > 0 (got {fmt!r}, {pairing!r}, {n}, {temperature})")
+    prompts = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p
+               for p in prompts]
     rows, stats = [], BuildStats()
     device = next(model.parameters()).device
     bar = tqdm(total=len(prompts), unit="prompt", desc="build-prefs", disable=not progress)
@@ -182,11 +188,13 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
         ids, mask = encode_prompts(tokenizer, chunk)  # (P, Lp)
         batch = sample(model, tokenizer, ids.to(device), mask.to(device), n, max_new_tokens,
                        seed + start)
-        texts = batch.texts(tokenizer)  # P*n, grouped by prompt
+        texts = batch.texts(tokenizer)  # (P*n,) grouped by prompt
         stats.unfinished += int((~batch.finished).sum())
-        for p, prompt in enumerate(chunk):
-            kept, where = distinct_responses(texts[p * n:(p + 1) * n])
-            rewards = scorer([prompt] * len(kept), kept) if kept else []
+        distinct = [distinct_responses(texts[p * n:(p + 1) * n]) for p in range(len(chunk))]
+        flat = [(prompt, t) for prompt, (kept, _) in zip(chunk, distinct) for t in kept]
+        scores = iter(scorer([f[0] for f in flat], [f[1] for f in flat]) if flat else [])
+        for p, (prompt, (kept, where)) in enumerate(zip(chunk, distinct)):
+            rewards = [next(scores) for _ in kept]
             _count(stats, kept, where, rewards)
             rng = random.Random(f"build-prefs:{seed}:{start + p}")
             new = make_rows(prompt, kept, rewards, fmt, pairing, temperature, rng, pairs_per_prompt)
@@ -242,8 +250,8 @@ def build_prefs_arguments(p) -> None:
     src = p.add_argument_group("prompts (one source)")
     src.add_argument("--prompts", help="prompt file: JSONL/JSON/CSV/Parquet with `prompt` (a "
                      "string or messages), or .txt one per line")
-    src.add_argument("--task", help="a shipped task family (e.g. `arithmetic`): its prompts, and "
-                     "its reward when no expert is given")
+    src.add_argument("--task", help="a shipped task family (arithmetic, arithmetic-compare, "
+                     "arithmetic-sums): its prompts, and its reward when no expert is given")
     src.add_argument("--split", default="train", help="task split: train or test")
     src.add_argument("--num-prompts", type=int, default=64, help="prompts drawn from the task")
     src.add_argument("--chat", action="store_true", help="wrap string prompts as a user turn")
@@ -284,17 +292,19 @@ def _check_args(args) -> None:
             raise UserError(message)
 
 
-def _prompts_and_expert(args) -> tuple[list, str | None]:
-    """The prompts, and the expert spec to use (the task's reward when none is given)."""
+def _prompts_and_expert(args) -> tuple[list, str | None, float | None]:
+    """The prompts, the expert spec to use (the task's reward when none is given) and, when that
+    is the task's reward, the task's success threshold."""
     if args.prompts:
         from softpo.data import read_prompts
 
-        return read_prompts(args.prompts), args.expert
+        return read_prompts(args.prompts), args.expert, None
     from softpo.tasks import get_task
 
     task = get_task(args.task)
     expert = args.expert if args.expert or args.reward_model else task.reward_spec
-    return task.make_prompts(args.split, args.num_prompts, args.seed), expert
+    threshold = task.success_threshold if expert == task.reward_spec else None
+    return task.make_prompts(args.split, args.num_prompts, args.seed), expert, threshold
 
 
 def build_prefs_command(args) -> int:
@@ -303,7 +313,7 @@ def build_prefs_command(args) -> int:
     from softpo.tasks.experts import load_scorer
 
     _check_args(args)
-    prompts, expert = _prompts_and_expert(args)
+    prompts, expert, threshold = _prompts_and_expert(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer, described = load_scorer(expert, args.reward_model, device=device)
     cfg = ModelConfig(name_or_path=args.model)
@@ -325,7 +335,7 @@ def build_prefs_command(args) -> int:
                "pairing": args.pairing, "bt_temperature": args.bt_temperature,
                "num_responses": args.num_responses, "max_new_tokens": args.max_new_tokens,
                "seed": args.seed, "prompt_source": args.prompts or f"task {args.task}:{args.split}",
-               **stats.summary(), "seconds": round(elapsed, 2)}
+               **stats.summary(threshold), "seconds": round(elapsed, 2)}
     write_atomic(summary_path(out), json.dumps(summary, indent=2) + "\n")
     print(f"softpo: wrote {stats.rows} {args.format} rows from {stats.prompts} prompts to {out} "
           f"(reward mean {summary['reward_mean']:.3f}; skipped {stats.skipped_ties} all-tie and "

@@ -86,6 +86,16 @@ def test_distinct_responses_drop_empty_and_repeated_texts():
     assert distinct_responses(["a", " ", "a", "b", ""]) == (["a", "b"], [0, -1, 0, 1, -1])
 
 
+def test_summary_counts_rewards_of_every_sample_and_empty_ones_as_failures():
+    """4 samples, one empty: rewards (1, 0.1, 1); mean 0.7, success rate 2 / 4 = 0.5."""
+    from softpo.prefs import BuildStats
+
+    s = BuildStats(prompts=1, responses=4, empty=1, rewards=[1.0, 0.1, 1.0]).summary(1.0)
+    assert s["reward_mean"] == pytest.approx(0.7) and s["success_rate"] == 0.5
+    assert s["reward_counts"] == {"0.1": 1, "1": 2} and "rewards" not in s
+    assert "success_rate" not in BuildStats(responses=1, rewards=[1.0]).summary()
+
+
 def test_write_atomic_replaces_and_leaves_no_temporary_files(tmp_path):
     path = tmp_path / "sub" / "x.jsonl"
     write_atomic(path, "one\n")

@@ -118,7 +118,7 @@ def test_unknown_split_and_negative_count_are_user_errors():
 
 def test_registry_loads_the_task_and_its_reward_by_spec():
     task = get_task("arithmetic")
-    assert set(TASKS) >= {"arithmetic"}
+    assert set(TASKS) >= {"arithmetic", "arithmetic-compare", "arithmetic-sums"}
     assert task.reward_spec == "softpo.tasks.arithmetic:reward"
     assert load_callable(task.reward_spec) is A.reward
     assert task.success_threshold == 1.0
@@ -156,3 +156,39 @@ def test_expert_that_returns_a_bad_value_or_raises_is_a_one_line_error():
     with pytest.raises(UserError, match="expert 'm:f' raised KeyError"):
         callable_scorer(lambda p, r: {}["x"], "m:f")(["p"], ["r"])
     assert callable_scorer(lambda p, r: len(r), "m:f")(["p", "q"], ["ab", "c"]) == [2.0, 1.0]
+
+
+def test_task_variants_ask_only_their_kinds():
+    compare = get_task("arithmetic-compare").make_prompts("train", 6, seed=0)
+    sums = get_task("arithmetic-sums").make_prompts("train", 6, seed=0)
+    assert all(p[-1]["content"].startswith("Which is") for p in compare)
+    assert all(p[-1]["content"].startswith("What is") for p in sums)
+    with pytest.raises(UserError, match="unknown question kind 'mul'"):
+        A.make_prompts("train", 2, kinds=("mul",))
+
+
+def test_success_probability_is_the_teacher_forced_probability_of_the_exact_answers():
+    """For "What is 2 + 9?" (c = 11): pi("11" <end>) + pi("11." <end>), each the product of the
+    next-token probabilities along the chat-rendered prompt, checked against a plain forward."""
+    import torch
+
+    from softpo.config import ModelConfig
+    from softpo.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    model = load_model(ModelConfig(), tokenizer, seed=0).eval()
+    prompts = [A.conversation("add", "What is 2 + 9?"),
+               A.conversation("larger", "Which is larger, 5 or 40?")]
+    got = A.success_probability(model, tokenizer, prompts, batch_size=3)  # batches split a prompt
+    for prompt, p, c in zip(prompts, got, ("11", "40")):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected = 0.0
+        for form in (c, c + "."):
+            response = tokenizer(form, add_special_tokens=False)["input_ids"] + \
+                [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([prefix + response])).logits[0]  # (T, V)
+            logps = logits[len(prefix) - 1:-1].log_softmax(-1)  # rows that predict the response
+            expected += float(logps.gather(-1, torch.tensor(response)[:, None]).sum().exp())
+        assert 0 < p == pytest.approx(expected, rel=1e-4)

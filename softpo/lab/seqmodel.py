@@ -2,13 +2,13 @@
 
 Responses
 ---------
-An alphabet of L letters (default `abc`) and one special token `<eos>`: 4 token ids, `<eos>` is also
-BOS and pad, so the model's every next-token distribution is over exactly the letters and `<eos>`.
-The prompt is the single token `<eos>`. A response is a string y of 0..M letters (M = `max_len`,
-default 3): fewer than M letters end with `<eos>`, M letters end at the length cap without it. That
-is exactly what `generate()` returns with `max_new_tokens = M` (`softpo.sampling`): it stops at the
-first `<eos>` or after M tokens. So Y = A^{<=M}, |Y| = sum_{k<=M} L^k (40 for L = 3, M = 3), and with
-p(.|prefix) the model's next-token distributions
+An alphabet of L letters (default `abc`) and one special token `<eos>`: L + 1 token ids, `<eos>`
+also being BOS and pad, so every next-token distribution is over exactly the letters and `<eos>`.
+The prompt is the single token `<eos>`. A response is a string y of 0..M letters (M = `max_len`):
+fewer than M letters end with `<eos>`, M letters end at the length cap without it. That is exactly
+what `generate()` returns with `max_new_tokens = M` (`softpo.sampling`): it stops at the first
+`<eos>` or after M tokens. So Y = A^{<=M}, |Y| = sum_{k<=M} L^k (13 for L = 3, M = 2; 40 for M = 3),
+and with p(.|prefix) the model's next-token distributions
     pi(y) = prod_{t<|y|} p(y_t | y_<t) * (p(<eos> | y) if |y| < M else 1),
     sum_{y in Y} pi(y) = 1 exactly:
 the mass of a prefix w with |w| < M splits into its `<eos>` outcome and its L one-letter extensions,
@@ -20,8 +20,8 @@ World
 -----
 Seeded from one integer: an expert reward r(y) = reward_scale * N(0, 1) and a known supervised
 distribution p_sft = softmax(ref_scale * N(0, 1)) over Y (independent draws, Y in shortlex order).
-The reference model is the tiny LM fitted to p_sft by exact maximum likelihood: full-batch Adam on the
-cross-entropy -sum_y p_sft(y) log pi_theta(y) over all of Y, whose minimum is at pi_theta = p_sft.
+The reference model is the tiny LM fitted to p_sft by exact maximum likelihood: full-batch Adam on
+the cross-entropy -sum_y p_sft(y) log pi_theta(y) over all of Y, minimal at pi_theta = p_sft.
 Everything downstream uses the reference model's own exact distribution, not p_sft.
 """
 
@@ -154,7 +154,8 @@ def fit_reference(model, scorer: Scorer, target_logps: Tensor, steps: int = 300,
     """
     p = target_logps.exp().float()  # (Y,)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    cosine = lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     model.train()
     for _ in range(steps):
         loss = -(p * scorer.logps(model)).sum()

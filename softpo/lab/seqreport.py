@@ -58,9 +58,10 @@ def _write(out: Path | None, name: str, title: str, setup: str, table: str,
 
 def setup_line(cfg: SeqConfig, size: int) -> str:
     return (f"Letters `{cfg.letters}`, responses of at most {cfg.max_len} letters (|Y| = {size}); "
-            f"r ~ {cfg.reward_scale:g} N(0, 1), reference fitted to softmax({cfg.ref_scale:g} N(0, 1)) "
-            f"({cfg.sft_steps} exact maximum-likelihood steps); Llama {cfg.n_layer} x {cfg.n_embd}; "
-            f"Trainer: AdamW lr {cfg.lr:g} (cosine), {cfg.steps} steps x {cfg.batch_size} examples, "
+            f"r ~ {cfg.reward_scale:g} N(0, 1), reference fitted to softmax({cfg.ref_scale:g} "
+            f"N(0, 1)) ({cfg.sft_steps} exact maximum-likelihood steps); Llama {cfg.n_layer} x "
+            f"{cfg.n_embd}; Trainer: AdamW lr {cfg.lr:g} (cosine), {cfg.steps} steps x "
+            f"{cfg.batch_size} examples, "
             f"global KL (beta > 0) with the `{cfg.estimator}` estimator on {cfg.samples} fresh "
             f"samples per step; seed {cfg.seed}. KL in nats, exact over Y.")
 
@@ -71,7 +72,8 @@ TABLE_RUNS = ([{"loss": "spo", "alpha": a, "beta": 0.0} for a in (0.5, 1.0, 2.0)
               + [{"loss": "spo_best_of_n", "alpha": 1.0, "beta": 0.0},
                  {"loss": "spo_ranked", "alpha": 1.0, "beta": 0.0},
                  {"loss": "spo", "alpha": 1.0, "beta": 0.5}]
-              + [{"loss": name, "alpha": 1.0, "beta": 1.0} for name in ("dpo", "ipo", "simpo", "cpo")])
+              + [{"loss": name, "alpha": 1.0, "beta": 1.0}
+                 for name in ("dpo", "ipo", "simpo", "cpo")])
 TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "entropy", "target_entropy",
                  "kl_to_own_optimum", "own_optimum", "own_optimum_entropy", "seconds")
 

@@ -1,12 +1,13 @@
 """`softpo lab sequence`: SPO and its baselines on a tiny transformer LM, measured exactly.
 
-A LlamaForCausalLM over a 4-token vocabulary (letters `abc` + `<eos>`, responses of at most 3
-letters: |Y| = 40, see `softpo.lab.seqmodel`) is first fitted to a known distribution (the
-reference), then aligned on preference data drawn from the reference and labelled by a known expert
-reward r (Bradley-Terry / Luce / Plackett-Luce). Training is `softpo train`'s own code path: a
-`softpo.trainer.Trainer` built from a `Config`, fed in-memory tokenised examples, stepped by
-`train_step` (the registered loss on summed log-probs, and for SPO with beta > 0 the global KL
-regulariser on fresh samples from `generate()`). Because Y is enumerable, every measurement is exact:
+A LlamaForCausalLM over a 4-token vocabulary (letters `abc` + `<eos>`; by default responses of at
+most 2 letters, |Y| = 13; `--max-len 3` gives |Y| = 40; see `softpo.lab.seqmodel`) is first fitted
+to a known distribution (the reference), then aligned on preference data drawn from the reference
+and labelled by a known expert reward r (Bradley-Terry / Luce / Plackett-Luce). Training is
+`softpo train`'s own code path: a `softpo.trainer.Trainer` built from a `Config`, fed in-memory
+tokenised examples, stepped by `train_step` (the registered loss on summed log-probs, and for SPO
+with beta > 0 the global KL regulariser on fresh samples from `generate()`). Y is enumerable, so
+every measurement is exact:
     kl_to_target        KL(pi_theta || softmax(r / alpha))      (SPO's optimum at beta = 0)
     kl_to_own_optimum   KL(pi_theta || the loss's own predicted optimum)  (`seqoptima`)
     entropy             H(pi_theta) in nats, against target_entropy = H(softmax(r / alpha))
@@ -44,9 +45,9 @@ class SeqConfig:
     data: str | None = None  # None: the loss's own kind
     n: int = 3  # responses per best-of-n / ranked list
     pairs: int = 50_000  # training examples
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 5e-3
+    steps: int = 400
+    batch_size: int = 256
+    lr: float = 3e-3
     estimator: str = "token_sf"  # global-KL estimator (SPO with beta > 0)
     samples: int = 32  # fresh samples per step for the regulariser
     letters: str = "abc"
@@ -116,7 +117,8 @@ def trainer_config(cfg: SeqConfig, output_dir: str):
     c.regularizer.samples_per_prompt, c.regularizer.max_new_tokens = cfg.samples, cfg.max_len
     c.regularizer.sample_every = 1
     c.optim.lr, c.optim.warmup_steps, c.optim.scheduler = cfg.lr, 0, "cosine"
-    c.train.output_dir, c.train.max_steps, c.train.batch_size = output_dir, cfg.steps, cfg.batch_size
+    c.train.output_dir, c.train.max_steps = output_dir, cfg.steps
+    c.train.batch_size = cfg.batch_size
     c.train.seed, c.train.report_to, c.train.progress = cfg.seed, [], False
     c.train.eval_steps = c.train.save_steps = 0
     c.data.max_length, c.data.max_prompt_length = 2 * cfg.max_len + 2, 1
@@ -234,6 +236,7 @@ def measure(cfg: SeqConfig, s: Setup, data, policy: Tensor, target: Tensor,
         "own_optimum": optimum.how, "solver_grad_norm": optimum.grad_norm,
         "own_optimum_kl_to_target": None if own is None else kl(own, target),
         "ref_entropy": ent(s.ref_logps), "kl_to_ref": kl(policy, s.ref_logps),
+        "ref_kl_to_target": kl(s.ref_logps, target),
         "expected_reward": float((policy.exp() * s.world.rewards).sum()),
         "unseen_responses": int(unseen.sum()), "unseen_mass_ref": mass(s.ref_logps),
         "unseen_mass": mass(policy), "drift_mass": mass(policy) - mass(s.ref_logps),
@@ -260,11 +263,14 @@ def sequence_arguments(parser: argparse.ArgumentParser) -> None:
     a("--beta", type=float, default=None, help="SPO: weight of the global KL on fresh samples "
       f"(default 0); DPO family: inverse temperature (default {DPO_FAMILY_BETA:g})")
     a("--data", choices=DATA_KINDS, default=None, help="data kind (default: the loss's own)")
-    a("--n", type=int, default=d.n, help="responses per best-of-n / ranked list (default %(default)s)")
+    a("--n", type=int, default=d.n,
+      help="responses per best-of-n / ranked list (default %(default)s)")
     a("--pairs", type=int, default=d.pairs, help="training examples (default %(default)s)")
     a("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
-    a("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
-    a("--lr", type=float, default=d.lr, help="peak learning rate, cosine to 0 (default %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size,
+      help="examples per step (default %(default)s)")
+    a("--lr", type=float, default=d.lr,
+      help="peak learning rate, cosine to 0 (default %(default)s)")
     a("--estimator", default=d.estimator, help="global-KL estimator: token_sf (default, unbiased), "
       "seq (unbiased) or token (biased)")
     a("--samples", type=int, default=d.samples, help="fresh samples per step (default %(default)s)")
@@ -276,7 +282,8 @@ def sequence_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-every", type=int, default=d.eval_every, help="exact measurement interval")
     a("--seed", type=int, default=d.seed, help="seed of world, models, data and samples")
     a("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-    a("--out", default="runs/lab_sequence", help="folder for plots and reports (default %(default)s)")
+    a("--out", default="runs/lab_sequence",
+      help="folder for plots and reports (default %(default)s)")
     a("--no-plots", action="store_true", help="write no files")
     a("--report", choices=("table", "growth", "drift"), default=None,
       help="run an experiment of docs/lab.md instead of one run: table (SPO at alpha 0.5/1/2 and "

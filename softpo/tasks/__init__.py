@@ -1,21 +1,29 @@
 """Task families shipped with softpo: prompts with a programmatic, verifiable expert reward.
 
-A task module defines `make_prompts(split, n, seed) -> list[prompt]` (splits `train` and `test`,
-disjoint), `reward(prompt, response) -> float` and `SUCCESS_THRESHOLD` (a response with at least
-this reward is a success). `TASKS` maps a task name to its module; `get_task(name)` loads it.
-Every reward is also usable by name as an expert: `--expert softpo.tasks.<name>:reward`.
+A task module defines `make_prompts(split, n, seed, **options) -> list[prompt]` (splits `train` and
+`test`, disjoint), `reward(prompt, response) -> float` and `SUCCESS_THRESHOLD` (a response with at
+least this reward is a success). `TASKS` maps a task name to its module and the options its prompts
+are made with; `get_task(name)` loads it. Every reward is also usable by name as an expert:
+`--expert softpo.tasks.arithmetic:reward`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from softpo.errors import UserError
 
-TASKS: dict[str, str] = {
-    "arithmetic": "softpo.tasks.arithmetic",
+# name -> (module, options for make_prompts, one-line description)
+TASKS: dict[str, tuple[str, dict, str]] = {
+    "arithmetic": ("softpo.tasks.arithmetic", {},
+                   "sums, differences, larger and smaller of two numbers, in turn"),
+    "arithmetic-compare": ("softpo.tasks.arithmetic", {"kinds": ("larger", "smaller")},
+                           "larger or smaller of two numbers"),
+    "arithmetic-sums": ("softpo.tasks.arithmetic", {"kinds": ("add", "sub")},
+                        "sums and differences of numbers up to 20"),
 }
 
 
@@ -26,14 +34,13 @@ class Task:
     reward: Callable[..., float]  # (prompt, response) -> float
     success_threshold: float
     reward_spec: str  # `module:function`, for --expert
-
-    def __repr__(self) -> str:
-        return f"Task({self.name!r})"
+    description: str = ""
 
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown task '{name}' (known: {', '.join(sorted(TASKS))})")
-    module = importlib.import_module(TASKS[name])
-    return Task(name, module.make_prompts, module.reward, module.SUCCESS_THRESHOLD,
-                f"{TASKS[name]}:reward")
+    module_name, options, description = TASKS[name]
+    module = importlib.import_module(module_name)
+    return Task(name, functools.partial(module.make_prompts, **options), module.reward,
+                module.SUCCESS_THRESHOLD, f"{module_name}:reward", description)

@@ -26,6 +26,17 @@ Splits: every question is assigned to `train` or `test` by a hash of its operand
 pair for symmetric kinds), independently of any seed, so the two splits never share a question and
 `3 + 4` / `4 + 3` always fall on the same side. `make_prompts(split, n, seed)` draws from one split,
 cycling through the kinds, deterministically for a given seed.
+
+Measured on SmolLM2-135M-Instruct (`--model default`), pure sampling at temperature 1:
+expected success rate by teacher forcing (`success_probability`, 48 held-out questions per kind)
+
+    worked examples   add    sub    larger  smaller  all kinds
+    2 (SHOTS)         0.058  0.070  0.445   0.435    0.252
+    1                 0.030  0.051  0.278   0.222    0.145
+    0                 0.000  0.000  0.001   0.001    0.001
+
+and, sampled (64 train prompts x 4 responses, 16 new tokens): success 65/256 = 0.254; rewards
+1.0: 25.4%, 0.1 (bare wrong number): 60.9%, partial: 0.8%, 0: 12.9%; mean 0.318.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Callable
 from softpo.errors import UserError
 
 SYSTEM = "You are a calculator. Reply with only the number."
-SHOTS = 2  # worked examples before each question (measured: 0 shots -> ~0% success, see below)
+SHOTS = 2  # worked examples before each question (0 gives ~0% success: see the table above)
 SUCCESS_THRESHOLD = 1.0
 SPLITS = ("train", "test")
 TEST_SHARE = 4  # one question in TEST_SHARE (by hash) is held out
@@ -111,7 +122,10 @@ def make_questions(split: str, n: int, seed: int, kinds: tuple[str, ...] | None 
         raise UserError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
     if n < 0:
         raise UserError(f"number of prompts must be >= 0, got {n}")
-    kinds = kinds or tuple(KINDS)
+    kinds = tuple(kinds or KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown question kind '{unknown[0]}' (known: {', '.join(KINDS)})")
     rng = random.Random(f"arithmetic:{split}:{seed}")
     pools = {k: [] for k in kinds}
     out = []
@@ -127,9 +141,10 @@ def make_questions(split: str, n: int, seed: int, kinds: tuple[str, ...] | None 
     return out
 
 
-def make_prompts(split: str, n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+def make_prompts(split: str, n: int, seed: int = 0,
+                 kinds: tuple[str, ...] | None = None) -> list[list[dict[str, str]]]:
     """n chat prompts (lists of {role, content}) from `split`, deterministic for a seed."""
-    return [conversation(q["kind"], q["question"]) for q in make_questions(split, n, seed)]
+    return [conversation(q["kind"], q["question"]) for q in make_questions(split, n, seed, kinds)]
 
 
 # ---------------------------------------------------------------- reward
