@@ -56,19 +56,43 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, k: int,
            max_new_tokens: int, seed: int) -> SampleBatch:
-    """Draw k responses for each left-padded prompt.  prompt_ids, prompt_mask: (P, Lp)."""
+    """Draw k responses for each left-padded prompt.  prompt_ids, prompt_mask: (P, Lp).
+
+    Each prompt is run through the model once; its KV cache is then repeated for the k samples
+    (generate() alone would run the prompt k times, which dominates when prompts are long).
+    """
     inner = hf_model(model)
     was_training = inner.training
     inner.eval()  # no dropout while sampling
     config = pure_sampling_config(model, tokenizer, max_new_tokens, k)
+    config.num_return_sequences = 1
+    ids, mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+    gen = generation_model(model)
+    cache = shared_prompt_cache(gen, prompt_ids, prompt_mask, k)
     devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        sequences = generation_model(model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                                     generation_config=config)  # (P*k, Lp+new)
+        extra = {"past_key_values": cache} if cache is not None else {}
+        sequences = gen.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 **extra)  # (P*k, Lp+new)
     inner.train(was_training)
-    return to_rows(sequences, prompt_mask.repeat_interleave(k, 0), config.eos_token_id,
-                   tokenizer.pad_token_id, prompt_ids.shape[0], k)
+    return to_rows(sequences, mask, config.eos_token_id, tokenizer.pad_token_id,
+                   prompt_ids.shape[0], k)
+
+
+def shared_prompt_cache(gen: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, k: int):
+    """KV cache of all prompt tokens but the last, computed once per prompt and repeated k times;
+    None when the model's cache cannot be repeated (generate() then prefills as usual)."""
+    if k == 1 or prompt_ids.shape[1] < 2:
+        return None
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]
+    out = gen(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+              position_ids=position_ids, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def generation_model(model: nn.Module) -> nn.Module:

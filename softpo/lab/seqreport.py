@@ -1,8 +1,8 @@
 """The sequence lab's experiments (`softpo lab sequence --report NAME`), tables and pictures.
 
     table    SPO (pairs) at alpha 0.5 / 1 / 2, SPO best-of-n and ranked, SPO with the global KL,
-             and the baselines DPO, IPO, SimPO, CPO: exact KL to softmax(r/alpha) and to each
-             loss's own optimum, entropies.
+             and the baselines DPO (beta 0.5 / 1 / 2), IPO, SimPO, CPO: exact KL to softmax(r/alpha)
+             and to each loss's own optimum, entropies.
     growth   the same training budget on 2^6 .. 2^14 preference pairs: entropy and KL to the
              predicted optimum of SPO (beta = 0), SPO with the global KL, and DPO.
     drift    few pairs on the larger world (|Y| = 40), so that some responses are in no example:
@@ -33,7 +33,7 @@ DRIFT_WORLD = {"letters": "abc", "max_len": 3}  # |Y| = 40: room for responses n
 def _runs(base: SeqConfig, changes: list[dict], echo: bool) -> list[dict]:
     results = []
     for change in changes:
-        result = run(replace(base, **change))
+        result = run(replace(base, data=None, **change))  # data: each loss's own kind
         results.append(result)
         if echo:
             print(f"  {result['loss']:<14} alpha={result['alpha']:<4g} beta={result['beta']:<5g} "
@@ -72,8 +72,8 @@ TABLE_RUNS = ([{"loss": "spo", "alpha": a, "beta": 0.0} for a in (0.5, 1.0, 2.0)
               + [{"loss": "spo_best_of_n", "alpha": 1.0, "beta": 0.0},
                  {"loss": "spo_ranked", "alpha": 1.0, "beta": 0.0},
                  {"loss": "spo", "alpha": 1.0, "beta": 0.5}]
-              + [{"loss": name, "alpha": 1.0, "beta": 1.0}
-                 for name in ("dpo", "ipo", "simpo", "cpo")])
+              + [{"loss": "dpo", "alpha": 1.0, "beta": b} for b in (0.5, 1.0, 2.0)]
+              + [{"loss": name, "alpha": 1.0, "beta": 1.0} for name in ("ipo", "simpo", "cpo")])
 TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "entropy", "target_entropy",
                  "kl_to_own_optimum", "own_optimum", "own_optimum_entropy", "seconds")
 

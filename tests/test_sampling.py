@@ -1,0 +1,56 @@
+"""Sampling for the regulariser: pure temperature-1 sampling, seeded, with the prompt prefilled once."""
+
+import torch
+
+from softpo.config import TinyModelConfig
+from softpo.models import build_tiny_model, byte_tokenizer
+from softpo.sampling import pure_sampling_config, sample, to_rows
+from softpo.collate import left_pad
+
+
+def setup():
+    tok = byte_tokenizer()
+    model = build_tiny_model(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, seed=0).eval()
+    ids, mask = left_pad([list(b"How was the soup?"), list(b"Hi")], tok.pad_token_id)
+    return tok, model, ids, mask
+
+
+def test_shared_prompt_prefill_reproduces_plain_generate():
+    """Prefilling each prompt once and repeating its cache k times draws exactly the samples that
+    generate(num_return_sequences=k) draws with the same seed."""
+    tok, model, ids, mask = setup()
+    got = sample(model, tok, ids, mask, k=3, max_new_tokens=12, seed=5)
+    config = pure_sampling_config(model, tok, 12, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, 2, 3)
+    assert torch.equal(got.rows.input_ids, want.rows.input_ids)
+    assert torch.equal(got.rows.response_mask, want.rows.response_mask)
+
+
+def test_sampling_is_pure_seeded_and_leaves_rng_alone():
+    tok, model, ids, mask = setup()
+    config = pure_sampling_config(model, tok, 8, 2)
+    assert (config.temperature, config.top_k, config.top_p, config.repetition_penalty) == \
+        (1.0, 0, 1.0, 1.0)
+    state = torch.random.get_rng_state()
+    a = sample(model, tok, ids, mask, k=2, max_new_tokens=8, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = sample(model, tok, ids, mask, k=2, max_new_tokens=8, seed=1)
+    c = sample(model, tok, ids, mask, k=2, max_new_tokens=8, seed=2)
+    assert torch.equal(a.rows.input_ids, b.rows.input_ids)
+    assert not torch.equal(a.rows.input_ids, c.rows.input_ids)
+    # rows are [prompt, response, pad]: prompts start at 0, responses follow them
+    assert a.rows.response_mask.sum(1).tolist() == a.response_lengths.tolist()
+    assert bool((a.rows.input_ids[0, :17] == torch.tensor(list(b"How was the soup?"))).all())
+
+
+def test_response_ends_at_first_eos():
+    eos, pad = 9, 0
+    seq = torch.tensor([[pad, 5, 6, 7, eos, 3, eos], [5, 5, 6, 1, 2, 3, 4]])  # prompt width 3
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    rows = to_rows(seq, mask, [eos], pad, 2, 1)
+    assert rows.response_lengths.tolist() == [2, 4]
+    assert rows.finished.tolist() == [True, False]
+    assert rows.rows.input_ids[0, :4].tolist() == [5, 6, 7, eos]
