@@ -35,6 +35,10 @@ def arguments(argv: list[str] | None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per run before it is killed")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active"],
+                   help="OMP_WAIT_POLICY for every run (default: inherited). `passive` stops idle "
+                        "OpenMP threads from spinning, which matters on a machine shared with "
+                        "other processes (see docs/benchmarks.md)")
     p.add_argument("--quick", action="store_true",
                    help="iteration mode: --cases tiny --repeats 1 --steps 2 unless given")
     p.add_argument("--out", type=Path, help="results folder (default runs/bench/<time>)")
@@ -48,9 +52,9 @@ def arguments(argv: list[str] | None):
     return args
 
 
-def worker(args: list[str], out: Path, timeout: int) -> dict:
+def worker(args: list[str], out: Path, timeout: int, env_extra: dict | None = None) -> dict:
     """`python -m bench.worker ...` in a fresh process; its JSON, or the error it died with."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     cmd = [sys.executable, "-m", "bench.worker", *args, "--out", str(out)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -85,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "runs.jsonl"
     (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
     threads = ["--threads", str(args.threads)] if args.threads else []
+    env = {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()} if args.omp_wait_policy else {}
 
     def record(entry: dict) -> None:
         with log.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout)})
+    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout, env)})
     for case in cases:
         print(f"[bench] {case}: preparing", flush=True)
         prep = worker(["prepare", "--case", case], out / "prepare.json", args.timeout)
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 res = worker(["run", "--case", case, "--variant", name, "--precision", args.precision,
                               "--warmup", str(args.warmup), "--steps", str(steps), *threads],
-                             out / "run.json", args.timeout)
+                             out / "run.json", args.timeout, env)
                 record({"kind": "run", "case": case, "variant": name, "round": r,
                         "precision": args.precision, **res})
                 took = time.perf_counter() - start
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.fmean(res['step_seconds']):.2f} s/step, " \
                     f"{res['peak_rss_mb'] / 1024:.2f} GB"
                 print(f"[bench] {case} {name} round {r}: {what} ({took:.0f}s)", flush=True)
-    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout)})
+    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout, env)})
     print(write_summary(out))
     return 0
 

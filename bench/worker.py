@@ -177,6 +177,7 @@ def run(args) -> dict:
     return dict(case=case.name, variant=v.name, framework=v.framework, precision=args.precision,
                 threads=_threads(), warmup=w, step_seconds=step_times[w:], all_step_seconds=step_times,
                 cpu_seconds=cpu_times[w:], load_average=os.getloadavg()[0],
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
                 sampling_seconds=r["sampling"][w:], flops=r["flops"][w:], tokens=tokens[w:],
                 setup_seconds=r["setup_end"] - start, shape=r["shape"],
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
