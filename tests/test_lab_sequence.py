@@ -11,7 +11,7 @@ from softpo import cli
 from softpo.errors import UserError
 from softpo.lab import optima, seqmodel, seqoptima
 from softpo.lab.optima import Examples
-from softpo.lab.sequence import SeqConfig, resolve, trainer_config
+from softpo.lab.sequence import SeqConfig, conditional_kl, resolve, trainer_config
 from softpo.losses import LossParams, get_loss
 from softpo.sampling import sample
 
@@ -111,8 +111,20 @@ def test_seen_marks_responses_in_some_example():
     assert seqoptima.seen(data, 5).tolist() == [True, False, True, True, False]
 
 
+def test_conditional_kl_on_the_unseen_responses():
+    """pi = (.5, .3, .2), pi_ref = (.2, .4, .4), U = {1, 2}: within U, pi = (.6, .4) and
+    pi_ref = (.5, .5), so KL = .6 ln 1.2 + .4 ln .8; the mass outside U plays no part."""
+    pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).log()
+    ref = torch.tensor([0.2, 0.4, 0.4], dtype=torch.float64).log()
+    subset = torch.tensor([False, True, True])
+    expected = 0.6 * math.log(1.2) + 0.4 * math.log(0.8)
+    assert math.isclose(conditional_kl(pi, ref, subset), expected, rel_tol=1e-12)
+    assert conditional_kl(pi, ref, torch.zeros(3, dtype=torch.bool)) is None
+
+
 def test_dpo_closed_form_hand_case():
-    """pi_ref = (1/2, 1/2), r = (0, 2 ln 2), beta = 2: pi ∝ pi_ref exp(r / 2) = (1/2, 1) -> (1/3, 2/3)."""
+    """pi_ref = (1/2, 1/2), r = (0, 2 ln 2), beta = 2: pi ∝ pi_ref exp(r / 2) = (1/2, 1),
+    normalised (1/3, 2/3)."""
     ref = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
     r = torch.tensor([0.0, 2 * math.log(2)], dtype=torch.float64)
     opt = seqoptima.predicted_optimum(get_loss("dpo"), LossParams(beta=2.0), "pairs", 2, r, ref,

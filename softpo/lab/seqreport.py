@@ -124,7 +124,7 @@ DRIFT_PAIRS = (25, 100, 400)
 DRIFT_METHODS = ({"loss": "spo", "beta": 0.5}, {"loss": "spo", "beta": 2.0},
                  {"loss": "dpo", "beta": 1.0}, {"loss": "spo", "beta": 0.0})
 DRIFT_COLUMNS = ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_ref", "unseen_mass",
-                 "drift_mass", "kl_to_ref", "entropy", "kl_to_own_optimum", "seconds")
+                 "drift_mass", "unseen_kl", "kl_to_ref", "entropy", "seconds")
 
 
 def drift(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:

@@ -12,6 +12,7 @@ every measurement is exact:
     kl_to_own_optimum   KL(pi_theta || the loss's own predicted optimum)  (`seqoptima`)
     entropy             H(pi_theta) in nats, against target_entropy = H(softmax(r / alpha))
     drift_mass          pi_theta(U) - pi_ref(U), U = the responses in no training example
+    unseen_kl           KL(pi_theta(.|U) || pi_ref(.|U)), the change of shape within U
 """
 
 from __future__ import annotations
@@ -240,11 +241,21 @@ def measure(cfg: SeqConfig, s: Setup, data, policy: Tensor, target: Tensor,
         "expected_reward": float((policy.exp() * s.world.rewards).sum()),
         "unseen_responses": int(unseen.sum()), "unseen_mass_ref": mass(s.ref_logps),
         "unseen_mass": mass(policy), "drift_mass": mass(policy) - mass(s.ref_logps),
+        "unseen_kl": conditional_kl(policy, s.ref_logps, unseen),
         "responses": s.world.space.size, "sft_kl": s.sft_kl, "pairs": cfg.pairs,
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "estimator": cfg.estimator if get_loss(cfg.loss).is_spo and cfg.beta > 0 else None,
         "samples": cfg.samples, "seed": cfg.seed,
     }
+
+
+def conditional_kl(logps: Tensor, ref_logps: Tensor, subset: Tensor) -> float | None:
+    """KL(pi(.|U) || pi_ref(.|U)) within the responses U of `subset` (both renormalised on U):
+    how much the shape of the mass on U changed, whatever its total.  None when U is empty."""
+    if not subset.any():
+        return None
+    restrict = lambda lp: lp[subset] - lp[subset].logsumexp(0)  # noqa: E731
+    return seqmodel.kl(restrict(logps), restrict(ref_logps))
 
 
 def public(result: dict) -> dict:
