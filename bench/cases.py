@@ -53,6 +53,7 @@ class Variant:
     ref_cache: bool = False  # softpo: loss.precompute_ref_logps; trl: precompute_ref_log_probs
     packing: str = "none"  # softpo: model.packing
     full_logits: bool = False  # softpo: materialise [rows, T, vocab] (the unchunked baseline)
+    logit_budget: int = 0  # softpo: override logprobs.LOGIT_BUDGET (0: the library's)
     summary: str = ""
 
 
@@ -67,6 +68,9 @@ VARIANTS = {v.name: v for v in [
             summary="softpo SPO, no regulariser, prompt computed once per pair"),
     Variant("spo-full-logits", "softpo", "spo", beta=0.0, full_logits=True,
             summary="softpo SPO with the full [rows, T, vocab] logits (chunking off)"),
+    Variant("spo-chunk1024", "softpo", "spo", beta=0.0, logit_budget=1 << 62,
+            summary="softpo SPO with 1024-position output-layer chunks whatever the vocabulary "
+                    "(before the logit budget)"),
     Variant("spo-reg", "softpo", "spo", beta=0.1, sample_every=1,
             summary="softpo SPO + global KL (token estimator), 4 prompts x 2 samples x 32 tokens, "
                     "sampled every step"),
@@ -94,6 +98,7 @@ RATIOS = [
     ("dpo-shared-prompt", "trl-dpo", "speed", 1.1),
     ("spo-reg", "trl-dpo", "time", 1.3), ("spo-reg-every4", "trl-dpo", "time", 1.0),
     ("spo-full-logits", "spo", "memory", None), ("spo-full-logits", "spo", "speed", None),
+    ("spo-chunk1024", "spo", "memory", None), ("spo-chunk1024", "spo", "speed", None),
 ]
 MFU_TARGET = ("gpt2-86m", "spo", 0.70)  # SPO without the regulariser, >= 70% of the measured peak
 

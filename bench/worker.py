@@ -58,6 +58,8 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
     setup_end = time.perf_counter()
     if v.full_logits:  # the unchunked baseline: full [rows, T, vocab] logits, then log-softmax
         softpo.logprobs.has_plain_head = lambda model: False
+    if v.logit_budget:
+        softpo.logprobs.LOGIT_BUDGET = v.logit_budget
     t.micro_batch_items = lambda step, micro: t.train_set[step * PAIRS:(step + 1) * PAIRS]
     sampling, samples = [0.0] * steps, [None] * steps
     refresh = t.refresh_samples

@@ -6,8 +6,11 @@ hidden state at position t-1, so only the hidden states *before* response tokens
 layer: prompt positions never produce logits at all.
 
 Memory: the float32 `[rows, T, vocab]` tensor is never materialised. Selected hidden states are sent
-through the output layer in chunks of `chunk_size` positions; each chunk is recomputed in backward
-(activation checkpointing), so at most one `[chunk, vocab]` block of logits is alive at a time.
+through the output layer in chunks of at most `chunk_size` positions, and of at most
+`LOGIT_BUDGET // vocab` positions for large vocabularies; each chunk is recomputed in backward
+(activation checkpointing), so at most one `[chunk, vocab]` block of logits (and the few temporaries
+of its backward) is alive at a time. The chunk's backward runs while every activation of the model is
+still held, so its size adds directly to the peak memory of a step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from softpo.losses import exact_token_kl
 from softpo.packing import PackedRows
 
 DEFAULT_CHUNK = 1024
+LOGIT_BUDGET = 1 << 24  # elements of one [chunk, vocab] block: 64 MiB in float32
+
+
+def chunk_positions(chunk_size: int, vocab: int) -> int:
+    """Positions per output-layer chunk: `chunk_size`, fewer when `chunk_size * vocab` would exceed
+    `LOGIT_BUDGET` (GPT-2's 50257-token vocabulary: 333 positions instead of 1024)."""
+    return max(1, min(chunk_size, LOGIT_BUDGET // vocab))
 
 
 @dataclass
@@ -95,6 +105,7 @@ def _label_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
 def label_logps(states: ResponseStates, head: nn.Linear, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """log softmax(head(h))[label] for every state, chunked and checkpointed.  Returns (N,)."""
     parts = []
+    chunk_size = chunk_positions(chunk_size, head.weight.shape[0])
     for start in range(0, states.labels.numel(), chunk_size):
         h = states.hidden[start:start + chunk_size]
         y = states.labels[start:start + chunk_size]
@@ -123,6 +134,7 @@ def token_kl_and_logps(policy: ResponseStates, ref_hidden: Tensor, head: nn.Line
     logits (for LoRA: the output layer with the adapter disabled). Returns two (N,) tensors.
     """
     kls, logps = [], []
+    chunk_size = chunk_positions(chunk_size, head.weight.shape[0])
     for start in range(0, policy.labels.numel(), chunk_size):
         sl = slice(start, start + chunk_size)
         args = (policy.hidden[sl], ref_hidden[sl], head.weight, head.bias, ref_head, policy.labels[sl])
