@@ -66,8 +66,9 @@ def _build_word_model(case: Case, folder: Path) -> None:
                             attn_pdrop=0.0, tie_word_embeddings=True, **ids)
     else:
         config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["n_embd"],
-                             intermediate_size=4 * s["n_embd"], num_hidden_layers=s["n_layer"],
-                             num_attention_heads=s["n_head"], num_key_value_heads=s["n_head"],
+                             intermediate_size=s.get("ffn", 4 * s["n_embd"]),
+                             num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                             num_key_value_heads=s.get("kv_head", s["n_head"]),
                              max_position_embeddings=1024, tie_word_embeddings=True, **ids)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -35,6 +35,10 @@ CASES = {c.name: c for c in [
     Case("gpt2-86m", "word", dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, vocab=50257),
          summary="GPT-2 small shape: 12 layers, d=768, vocab 50257; 85.8M parameters besides the "
                  "(tied) token embedding, 124.4M with it"),
+    Case("smollm2-shape", "word", dict(arch="llama", n_layer=30, n_embd=576, n_head=9, kv_head=3,
+                                       ffn=1536, vocab=49152),
+         summary="SmolLM2-135M's shape, random weights, word tokenizer (for machines without the "
+                 "embedded GGUF, e.g. the GPU rows)"),
     Case("smollm2", "default", summary="SmolLM2-135M-Instruct, full fine-tuning"),
     Case("smollm2-lora", "default", lora=True,
          summary="SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers"),

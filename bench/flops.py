@@ -75,14 +75,18 @@ def regularizer_flops(shape: Shape, prompt_lengths: list[int], sample_lengths: l
     return total
 
 
-def matmul_peak(dtype_name: str, seconds: float = 3.0,
-                sizes=(512, 1024, 2048, 3072)) -> tuple[float, float]:
+def matmul_peak(dtype_name: str, seconds: float = 3.0, sizes=(512, 1024, 2048, 3072),
+                device: str = "cpu") -> tuple[float, float]:
     """Best GFLOP/s of torch.matmul and of F.linear (the kernel nn.Linear and autocast use, which
     can differ) over square sizes, in this process's thread settings: per wall-clock second, and per
     second of CPU time divided by the thread count (what the cores did while this process ran; less
     sensitive to other processes sharing the machine). A size whose single product takes over a
-    second is the last tried (bf16 without hardware support is slow)."""
+    second is the last tried (bf16 without hardware support is slow). On a GPU: sizes up to 8192,
+    synchronised, and the second figure equals the first."""
     import torch
+
+    if device == "cuda":
+        return _cuda_matmul_peak(dtype_name, seconds)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     ops = {"matmul": lambda a, b: a @ b, "linear": torch.nn.functional.linear}
@@ -108,3 +112,24 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0,
         if slow:
             break
     return best_wall, best_cpu
+
+
+def _cuda_matmul_peak(dtype_name: str, seconds: float) -> tuple[float, float]:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the benchmark's runs
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    best = 0.0
+    for n in (2048, 4096, 8192):
+        a, b = (torch.randn(n, n, dtype=dtype, device="cuda") for _ in range(2))
+        for op in (lambda: a @ b, lambda: torch.nn.functional.linear(a, b)):
+            op()
+            torch.cuda.synchronize()
+            start, k = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds / 6:
+                for _ in range(10):
+                    op()
+                k += 10
+                torch.cuda.synchronize()
+            best = max(best, 2.0 * n ** 3 * k / 1e9 / (time.perf_counter() - start))
+    return best, best

@@ -30,6 +30,8 @@ def arguments(argv: list[str] | None):
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: bf16 autocast, fp32 master weights (both frameworks); fp32: none")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both frameworks train; on cuda, memory is torch's peak allocation")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant (alternating)")
     p.add_argument("--steps", type=int, default=3, help="timed optimiser steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -88,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--device", args.device]
     env = {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()} if args.omp_wait_policy else {}
 
     def record(entry: dict) -> None:
         with log.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout, env)})
+    record({"kind": "peak", **worker(["peak", *extra], out / "peak.json", args.timeout, env)})
     for case in cases:
         print(f"[bench] {case}: preparing", flush=True)
         prep = worker(["prepare", "--case", case], out / "prepare.json", args.timeout)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = steps_for(VARIANTS[name], args.steps)
                 start = time.perf_counter()
                 res = worker(["run", "--case", case, "--variant", name, "--precision", args.precision,
-                              "--warmup", str(args.warmup), "--steps", str(steps), *threads],
+                              "--warmup", str(args.warmup), "--steps", str(steps), *extra],
                              out / "run.json", args.timeout, env)
                 record({"kind": "run", "case": case, "variant": name, "round": r,
                         "precision": args.precision, **res})
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.fmean(res['step_seconds']):.2f} s/step, " \
                     f"{res['peak_rss_mb'] / 1024:.2f} GB"
                 print(f"[bench] {case} {name} round {r}: {what} ({took:.0f}s)", flush=True)
-    record({"kind": "peak", **worker(["peak", *threads], out / "peak.json", args.timeout, env)})
+    record({"kind": "peak", **worker(["peak", *extra], out / "peak.json", args.timeout, env)})
     print(write_summary(out))
     return 0
 
@@ -149,7 +152,7 @@ def aggregate(runs: list[dict], peak_gflops: float, peak_cpu_gflops: float) -> d
     threads = runs[0]["threads"]
     return {"step": step, "cpu": cpu, "mfu_cpu": flops / (cpu / threads) / 1e9 / peak_cpu_gflops,
             "pairs_s": PAIRS / step, "tokens_s": tokens / step,
-            "rss_gb": med(lambda r: r["peak_rss_mb"]) / 1024,
+            "rss_gb": med(lambda r: r.get("peak_cuda_mb") or r["peak_rss_mb"]) / 1024,
             "gflops": flops / step / 1e9, "mfu": flops / step / 1e9 / peak_gflops,
             "sampling": med(lambda r: sum(r["sampling_seconds"]) / sum(r["step_seconds"])),
             "load": med(lambda r: r.get("load_average", float("nan"))),
@@ -169,7 +172,7 @@ def ratio_rows(table: dict) -> list[str]:
         want = "-" if target is None else (f">= {target}" if kind == "speed" else f"<= {target}")
         met = "-" if target is None else \
             ("met" if (value >= target if kind == "speed" else value <= target) else "NOT met")
-        label = {"speed": "pairs/s", "time": "step time", "memory": "peak RSS"}[kind]
+        label = {"speed": "pairs/s", "time": "step time", "memory": "peak memory"}[kind]
         rows.append(f"| {num} / {den} | {label} | {value:.2f}x | {cpu:.2f}x | {want} | {met} |")
     return rows
 
@@ -179,12 +182,14 @@ def write_summary(folder: Path) -> str:
     lines = [f"Matmul peak (best of the measurements before and after; torch.matmul or F.linear): "
              f"fp32 {peaks.get('fp32', 0):.1f} GFLOP/s, bf16 {peaks.get('bf16', 0):.1f} GFLOP/s per "
              f"wall-clock second; per CPU-second/thread: fp32 {peaks.get('fp32_cpu', 0):.1f}, "
-             f"bf16 {peaks.get('bf16_cpu', 0):.1f}", ""]
+             f"bf16 {peaks.get('bf16_cpu', 0):.1f}",
+             "Peak mem: the process's peak RSS on CPU runs; torch.cuda.max_memory_allocated on GPU "
+             "runs.", ""]
     for case, precision in sorted({(c, p) for c, _, p in runs}, key=lambda k: list(CASES).index(k[0])):
         peak, peak_cpu = (peaks.get(k) or float("nan") for k in (precision, f"{precision}_cpu"))
         table = {v: aggregate(rs, peak, peak_cpu) for (c, v, p), rs in runs.items() if (c, p) == (case, precision)}
         lines += [f"### {case} ({CASES[case].summary}), {precision}", "",
-                  "| variant | s/step | CPU s/step | pairs/s | tokens/s | peak RSS GB | GFLOP/s | "
+                  "| variant | s/step | CPU s/step | pairs/s | tokens/s | peak mem GB | GFLOP/s | "
                   "MFU | gap to peak | MFU (CPU time) | sampling share | load avg | runs x steps |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for v in sorted(table, key=lambda name: list(VARIANTS).index(name)):

@@ -48,8 +48,16 @@ def softpo_overrides(case: Case, v: Variant, model_dir: Path, data: Path, precis
     return [f"{k}={v}" for k, v in o.items()]
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a step's end is when its kernels finished."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
-               out: str) -> dict:
+               out: str, device: str = "cpu") -> dict:
     import softpo.logprobs
     from softpo.config import load_config
     from softpo.trainer import Trainer
@@ -76,6 +84,7 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
     ends = [(time.perf_counter(), time.process_time())]
     for _ in range(steps):
         t.train_step()
+        sync(device)
         ends.append((time.perf_counter(), time.process_time()))
     model = t.acc.unwrap_model(t.scorer).model
     shape, factor = Shape.of(model), 2.0 if case.lora else 3.0
@@ -96,7 +105,7 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
 # ---------------------------------------------------------------- TRL
 
 def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
-            out: str) -> dict:
+            out: str, device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -106,7 +115,7 @@ def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     common = dict(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps,
                   learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
-                  bf16=precision == "bf16", use_cpu=True, gradient_checkpointing=False,
+                  bf16=precision == "bf16", use_cpu=device == "cpu", gradient_checkpointing=False,
                   logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
                   max_grad_norm=1.0, seed=0, max_length=MAX_LENGTH, dataloader_num_workers=0)
     peft_config = None
@@ -136,6 +145,7 @@ def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
             ends.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, *a, **k):
+            sync(device)
             ends.append((time.perf_counter(), time.process_time()))
 
     rows = assets.read_rows(data)[:steps * PAIRS]
@@ -170,7 +180,7 @@ def run(args) -> dict:
     data = assets.data_path(case, rows_needed(steps))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="softpo-bench-") as out:
-        r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out)
+        r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out, args.device)
     ends, w = r.pop("ends"), args.warmup
     step_times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
     cpu_times = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
@@ -182,7 +192,16 @@ def run(args) -> dict:
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
                 sampling_seconds=r["sampling"][w:], flops=r["flops"][w:], tokens=tokens[w:],
                 setup_seconds=r["setup_end"] - start, shape=r["shape"],
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                device=args.device, peak_cuda_mb=_peak_cuda_mb(args.device))
+
+
+def _peak_cuda_mb(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
 def _threads() -> int:
@@ -201,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: hide any GPU; cuda: train and measure the matmul peak on the GPU")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "peak":
         result = {}
         for name in ("fp32", "bf16"):
-            result[name], result[f"{name}_cpu"] = matmul_peak(name)
+            result[name], result[f"{name}_cpu"] = matmul_peak(name, device=args.device)
     elif args.what == "prepare":
         case = CASES[args.case]
         result = {"model": str(assets.model_path(case)),

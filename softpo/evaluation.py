@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from softpo.logprobs import Reference, Rows, token_logps
+from softpo.logprobs import (DEFAULT_CHUNK, Reference, Rows, has_plain_head, score_tokens,
+                              token_logps)
+from softpo.packing import PackedRows
 from softpo.sampling import SampleBatch, sample
 
 
@@ -42,12 +44,35 @@ class SampleMetrics:
 
 
 @torch.no_grad()
-def score_samples(model, reference: Reference | None, batch: SampleBatch) -> tuple[Tensor, Tensor]:
-    """Sequence log-probs of sampled responses under the policy and the reference.  (S,), (S,)."""
+def score_samples(model, reference: Reference | None, batch: SampleBatch,
+                  pad_token_id: int | None = None) -> tuple[Tensor, Tensor]:
+    """Sequence log-probs of sampled responses under the policy and the reference.  (S,), (S,).
+
+    With `pad_token_id` and a model that takes a 4-D mask, each prompt's k samples are scored in one
+    packed row (softpo/packing.py): the prompt runs once instead of k times."""
+    packed = _packed_samples(model, batch, pad_token_id)
+    if packed is None:
+        rows = batch.rows
+        policy = token_logps(model, rows.input_ids, rows.attention_mask, rows.response_mask).sum(-1)
+        ref = reference.token_logps(rows).sum(-1) if reference is not None else None
+    else:
+        policy = score_tokens(model, packed, DEFAULT_CHUNK).sum(-1)
+        ref = reference.sequence_logps(packed) if reference is not None else None
+    return policy, ref if ref is not None else torch.zeros_like(policy)
+
+
+def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> PackedRows | None:
+    from softpo.packing import mask_style, pack_shared_prompt
+
+    if pad_token_id is None or batch.samples_per_prompt < 2 or not has_plain_head(model):
+        return None
+    try:
+        style = mask_style(model)
+    except ValueError:
+        return None
     rows = batch.rows
-    policy = token_logps(model, rows.input_ids, rows.attention_mask, rows.response_mask).sum(-1)
-    ref = reference.token_logps(rows).sum(-1) if reference is not None else torch.zeros_like(policy)
-    return policy, ref
+    valid = torch.ones(batch.num_prompts, batch.samples_per_prompt, dtype=torch.bool)
+    return pack_shared_prompt(rows.input_ids, rows.response_mask, valid, pad_token_id, style)
 
 
 @torch.no_grad()
@@ -65,7 +90,7 @@ def evaluate_samples(model, tokenizer, prompts: list, data_cfg, reference: Refer
         ids, mask = prompt_batch(prompts[start:start + batch_size], tokenizer, data_cfg)
         batch = sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens,
                        seed + start)
-        p, r = score_samples(model, reference, batch)
+        p, r = score_samples(model, reference, batch, tokenizer.pad_token_id)
         pol.append(p)
         ref.append(r)
         lengths.append(batch.response_lengths.float())

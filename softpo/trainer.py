@@ -209,6 +209,8 @@ class Trainer:
         freed when nothing else needs it."""
         from softpo import refcache
 
+        if self.reference.adapter_toggle:  # the reference is the policy: on the device before prepare()
+            self.policy.to(self.acc.device)
         self.ref_cache = refcache.load_or_build(self)
         if not regularizer_active(self.cfg, self.spec) and not self.reference.adapter_toggle:
             self.reference = None
@@ -230,6 +232,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def forward_loss(self, batch, with_samples: bool, stats: StepStats, scale: float) -> Tensor:
+        batch = batch.to(self.acc.device)  # a no-op for the trainer's own batches
         rows = self.rows(batch)
         B, n = batch.response_valid.shape
         ref_logps = None

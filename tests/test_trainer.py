@@ -57,7 +57,7 @@ def test_loss_through_stack_equals_losses_py(tmp_path, loss):
     with torch.no_grad():  # move the policy away from the reference so ratios are not zero
         for p in t.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = hand_batch()
+    batch = hand_batch().to(t.acc.device)  # the oracle below runs where the model is
     stats = StepStats()
     loss_value = t.forward_loss(batch, False, stats, scale=1.0)
     model = t.acc.unwrap_model(t.scorer).model
@@ -82,7 +82,7 @@ def test_regularizer_gradient_matches_definition(tmp_path, estimator):
     model = t.acc.unwrap_model(t.scorer).model
     params = [p for p in model.parameters() if p.requires_grad]
 
-    scores = t.scorer(hand_batch(), s.rows, t.reg.ref_hidden,
+    scores = t.scorer(hand_batch().to(t.acc.device), s.rows, t.reg.ref_hidden,
                       t.reference.head if t.reg.ref_hidden is not None else None)
     got = torch.autograd.grad(t.regularizer_loss(scores, StepStats()), params, allow_unused=True)
 

@@ -39,7 +39,7 @@ def plot_probs(path: Path, result: dict) -> Path:
     knobs += f"beta={result['beta']:g}"
     axes[0, 0].set_title(f"{result['loss']} ({result['data']}), {knobs}: "
                          f"KL to optimum {result['kl_to_target']:.4f} nats")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(path: Path, problem: Problem, rows: list[dict]) -> Path:
@@ -62,7 +62,7 @@ def plot_sweep(path: Path, problem: Problem, rows: list[dict]) -> Path:
     ax.set_ylabel("entropy (nats)")
     ax.set_title(f"Entropy control: SPO versus DPO (K={problem.k})")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
@@ -89,7 +89,8 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a finished figure as PNG (creating the folder) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

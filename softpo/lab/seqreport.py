@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from softpo.lab import seqmodel  # noqa: E402
-from softpo.lab.plots import markdown_table  # noqa: E402
+from softpo.lab.plots import markdown_table, save_figure  # noqa: E402
 from softpo.lab.sequence import SeqConfig, public, run  # noqa: E402
 
 DRIFT_WORLD = {"letters": "abc", "max_len": 3}  # |Y| = 40: room for responses no example shows
@@ -106,16 +106,8 @@ GROWTH_COLUMNS = ("loss", "beta", "pairs", "entropy", "own_optimum_entropy", "kl
 
 def growth(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
     changes = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
-    results = _runs(base, changes, echo)
-    rows = [public(r) for r in results]
-    text = markdown_table(rows, GROWTH_COLUMNS)
-    if out is not None:
-        plot_growth(out / "lab_sequence_growth.png", rows)
-    _write(out, "growth", "Sequence lab: more preference data", setup_line(
-        base, rows[0]["responses"]), text, ["lab_sequence_growth.png"])
-    if echo:
-        print(text)
-    return rows
+    return _experiment(base, changes, out, echo, "growth", "Sequence lab: more preference data",
+                       GROWTH_COLUMNS, plot_growth)
 
 
 # ------------------------------------------------------------------------------------------ drift
@@ -128,15 +120,21 @@ DRIFT_COLUMNS = ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_ref",
 
 
 def drift(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
-    base = replace(base, **DRIFT_WORLD)
     changes = [dict(m, alpha=1.0, pairs=n) for n in DRIFT_PAIRS for m in DRIFT_METHODS]
-    results = _runs(base, changes, echo)
-    rows = [public(r) for r in results]
-    text = markdown_table(rows, DRIFT_COLUMNS)
+    return _experiment(replace(base, **DRIFT_WORLD), changes, out, echo, "drift",
+                       "Sequence lab: mass moved onto responses no example shows", DRIFT_COLUMNS,
+                       plot_drift)
+
+
+def _experiment(base: SeqConfig, changes: list[dict], out: Path | None, echo: bool, name: str,
+                title: str, columns: tuple[str, ...], plot) -> list[dict]:
+    """Run `changes` on `base`; write `<out>/<name>.md` with the table and one picture."""
+    rows = [public(r) for r in _runs(base, changes, echo)]
+    text = markdown_table(rows, columns)
+    image = f"lab_sequence_{name}.png"
     if out is not None:
-        plot_drift(out / "lab_sequence_drift.png", rows)
-    _write(out, "drift", "Sequence lab: mass moved onto responses no example shows", setup_line(
-        base, rows[0]["responses"]), text, ["lab_sequence_drift.png"])
+        plot(out / image, rows)
+    _write(out, name, title, setup_line(base, rows[0]["responses"]), text, [image])
     if echo:
         print(text)
     return rows
@@ -174,7 +172,7 @@ def plot_probs(path: Path, results: list[dict]) -> Path:
         ax.set_title(f"{_label(r)}: KL to optimum {_fmt(r['kl_to_own_optimum'])} nats", fontsize=9)
     axes[0, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel("response (sorted by expert reward, best left; ∅ = empty)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_entropy(path: Path, results: list[dict]) -> Path:
@@ -199,7 +197,7 @@ def plot_entropy(path: Path, results: list[dict]) -> Path:
     ax.set_xlabel("alpha (SPO) / beta (DPO)")
     ax.set_ylabel("entropy of the response distribution (nats)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(path: Path, results: list[dict]) -> Path:
@@ -213,7 +211,7 @@ def plot_curves(path: Path, results: list[dict]) -> Path:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("exact KL(trained || own predicted optimum), nats")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_growth(path: Path, rows: list[dict]) -> Path:
@@ -235,7 +233,7 @@ def plot_growth(path: Path, rows: list[dict]) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("preference pairs in the data set")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_drift(path: Path, rows: list[dict]) -> Path:
@@ -254,12 +252,5 @@ def plot_drift(path: Path, rows: list[dict]) -> Path:
     ax.set_ylabel("pi(unseen) - pi_ref(unseen)")
     ax.set_title("Probability mass moved onto responses in no training example")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

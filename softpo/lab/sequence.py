@@ -22,14 +22,13 @@ import json
 import math
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
 from softpo.errors import UserError
-from softpo.lab import seqmodel, seqoptima
+from softpo.lab import one_thread, seqmodel, seqoptima
 from softpo.losses import LOSSES, LossParams, get_loss
 
 DATA_KINDS = ("pairs", "best_of_n", "ranked")
@@ -159,17 +158,6 @@ def setup(cfg: SeqConfig) -> Setup:
         model.requires_grad_(False)
         _SETUPS[key] = Setup(world, tokenizer, scorer, model, scorer.exact(model), sft_kl)
     return _SETUPS[key]
-
-
-@contextmanager
-def one_thread():
-    """Tiny tensors: one thread is fastest, and spares the other processes on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(cfg: SeqConfig) -> dict:

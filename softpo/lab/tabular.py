@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from softpo.errors import UserError
-from softpo.lab import optima
+from softpo.lab import one_thread, optima
 from softpo.lab.optima import Examples, Problem
 from softpo.losses import LOSSES, LossParams, LossSpec, get_loss
 
@@ -144,17 +143,6 @@ def predicted_optimum(problem: Problem, spec: LossSpec, cfg: LabConfig,
         print(f"softpo: warning: the solver stopped at |grad| = {sol.grad_norm:.1e} ('{spec.name}' "
               "may be non-smooth); kl_to_target is to its last iterate", file=sys.stderr)
     return sol.logps, "solver", sol.grad_norm
-
-
-@contextmanager
-def one_thread():
-    """Tiny tensors: one thread is fastest, and spares the other processes on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(cfg: LabConfig) -> dict:
