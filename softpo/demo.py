@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from softpo.config import Config
-from softpo.hardware import bf16_is_fast
+from softpo.hardware import bf16_is_fast, default_device
 from softpo.report import markdown_table
 
 
@@ -54,7 +54,7 @@ class MethodResult:
 
 
 def precision_bf16() -> bool:
-    return bf16_is_fast("cuda" if torch.cuda.is_available() else "cpu")
+    return bf16_is_fast(default_device())
 
 
 def run_config(s: DemoSettings, model_path: str, prefs: Path, name: str, loss: str,
@@ -148,8 +148,7 @@ def run(s: DemoSettings) -> list[MethodResult]:
     model_path = str(fetch_default(progress=s.progress)) if s.model == "default" else s.model
     mcfg = ModelConfig(name_or_path=model_path)
     tokenizer = load_tokenizer(mcfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # sampling and scoring of the base model
-    base = load_model(mcfg, tokenizer, seed=s.seed).eval().to(device)
+    base = load_model(mcfg, tokenizer, seed=s.seed).eval().to(default_device())
     task = get_task(s.task)
     t0 = time.perf_counter()
     prefs = build_data(s, base, tokenizer, task)

@@ -12,8 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from softpo.logprobs import (DEFAULT_CHUNK, Reference, Rows, has_plain_head, score_tokens,
-                              token_logps)
+from softpo.logprobs import DEFAULT_CHUNK, Reference, Rows, score_tokens, token_logps
 from softpo.packing import PackedRows
 from softpo.sampling import SampleBatch, sample
 
@@ -62,12 +61,12 @@ def score_samples(model, reference: Reference | None, batch: SampleBatch,
 
 
 def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> PackedRows | None:
-    from softpo.packing import mask_style, pack_shared_prompt
+    from softpo.packing import pack_shared_prompt, packable_style
 
-    if pad_token_id is None or batch.samples_per_prompt < 2 or not has_plain_head(model):
+    if pad_token_id is None or batch.samples_per_prompt < 2:
         return None
     try:
-        style = mask_style(model)
+        style = packable_style(model)
     except ValueError:
         return None
     rows = batch.rows

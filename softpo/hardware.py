@@ -20,6 +20,13 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+def default_device() -> str:
+    """`cuda` where a GPU is visible, else `cpu` (single-process commands: demo, build-prefs)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_is_fast(device: str = "cpu") -> bool:
     """True where bf16 matrix products beat float32: a CUDA GPU that supports bf16, or an x86 CPU

@@ -61,6 +61,18 @@ def mask_style(model) -> str:
     return MASK_STYLES[impl]
 
 
+def packable_style(model) -> str:
+    """`mask_style(model)` when packed rows can be scored: the attention takes a 4-D mask and the
+    logits are a plain linear layer of the states. Otherwise a ValueError naming what is missing."""
+    from softpo.logprobs import has_plain_head
+
+    style = mask_style(model)
+    if not has_plain_head(model):
+        raise ValueError("shared_prompt needs a plain linear output layer; this model scales or "
+                         "caps its logits")
+    return style
+
+
 def pack_shared_prompt(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor,
                        pad_token_id: int, style: str = "bool") -> PackedRows:
     """Padded rows (B*n, T0) of `[prompt, response_j]` -> packed rows (B, T).

@@ -40,8 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from softpo.errors import UserError
 from softpo.sampling import encode_prompts, sample
 
@@ -309,12 +307,13 @@ def _prompts_and_expert(args) -> tuple[list, str | None, float | None]:
 
 def build_prefs_command(args) -> int:
     from softpo.config import ModelConfig
+    from softpo.hardware import default_device
     from softpo.models import load_model, load_tokenizer
     from softpo.tasks.experts import load_scorer
 
     _check_args(args)
     prompts, expert, threshold = _prompts_and_expert(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     scorer, described = load_scorer(expert, args.reward_model, device=device)
     cfg = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(cfg)

@@ -192,17 +192,12 @@ class Trainer:
         """None for padded rows; the 4-D mask style for `model.packing=shared_prompt`."""
         if self.cfg.model.packing == "none":
             return None
-        from softpo.logprobs import has_plain_head
-        from softpo.packing import mask_style
+        from softpo.packing import packable_style
 
         try:
-            style = mask_style(self.policy)
+            return packable_style(self.policy)
         except ValueError as e:
             raise UserError(f"config key 'model.packing': {e}") from None
-        if not has_plain_head(self.policy):
-            raise UserError("config key 'model.packing': shared_prompt needs a plain linear output "
-                            "layer; this model scales or caps its logits")
-        return style
 
     def _use_ref_cache(self) -> None:
         """Reference log-probs from the cache (softpo/refcache.py); the separate reference model is
@@ -232,7 +227,6 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def forward_loss(self, batch, with_samples: bool, stats: StepStats, scale: float) -> Tensor:
-        batch = batch.to(self.acc.device)  # a no-op for the trainer's own batches
         rows = self.rows(batch)
         B, n = batch.response_valid.shape
         ref_logps = None
