@@ -20,6 +20,8 @@ import yaml
 
 from softpo.errors import UserError
 
+PACKINGS = ("none", "padding_free", "shared_prompt")
+
 
 def doc(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation."""
@@ -54,11 +56,17 @@ class ModelConfig:
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     attn_implementation: str | None = doc(None, "`eager`, `sdpa`, ...; None lets transformers choose.")
     packing: str = doc("none", "Layout of a preference example in the forward pass. `none`: one "
-                       "padded row per response, [prompt, response]. `shared_prompt`: one row per "
-                       "example, [prompt, response_1, ..., response_n], with a 4-D attention mask "
-                       "so each response sees the prompt and itself only: the prompt is computed "
-                       "once instead of n times (same log-probs; needs attn_implementation `sdpa` "
-                       "or `eager` and a plain linear output layer).")
+                       "padded row per response, [prompt, response]. `padding_free`: the same "
+                       "[prompt, response] sequences packed back to back into rows of "
+                       "`model.pack_tokens`, kept apart by a 4-D attention mask (no compute on "
+                       "padding). `shared_prompt`: one unit per example, [prompt, response_1, ..., "
+                       "response_n], so each response sees the prompt and itself only and the "
+                       "prompt is computed once instead of n times; units are packed the same way. "
+                       "Same log-probs in every layout; the packed ones need attn_implementation "
+                       "`sdpa` or `eager` and a plain linear output layer.")
+    pack_tokens: int = doc(0, "Packed layouts: length of a packed row (a sequence longer than "
+                           "that gets a row of its own; sequences are never split). 0: twice the "
+                           "batch's longest [prompt, response] row.")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -367,8 +375,10 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     need(cfg.regularizer.max_new_tokens >= 1, "regularizer.max_new_tokens", "must be >= 1")
     need(cfg.regularizer.sample_every >= 1, "regularizer.sample_every", "must be >= 1")
     need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
-    need(cfg.model.packing in ("none", "shared_prompt"), "model.packing",
-         f"must be none or shared_prompt, got {cfg.model.packing!r}")
+    need(cfg.model.packing in PACKINGS, "model.packing",
+         f"must be one of {', '.join(PACKINGS)}, got {cfg.model.packing!r}")
+    need(cfg.model.pack_tokens >= 0, "model.pack_tokens",
+         f"must be >= 0, got {cfg.model.pack_tokens}")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -7,10 +7,16 @@ layer: prompt positions never produce logits at all.
 
 Memory: the float32 `[rows, T, vocab]` tensor is never materialised. Selected hidden states are sent
 through the output layer in chunks of at most `chunk_size` positions, and of at most
-`LOGIT_BUDGET // vocab` positions for large vocabularies; each chunk is recomputed in backward
-(activation checkpointing), so at most one `[chunk, vocab]` block of logits (and the few temporaries
-of its backward) is alive at a time. The chunk's backward runs while every activation of the model is
+`LOGIT_BUDGET // vocab` positions for large vocabularies; each chunk's logits are recomputed in
+backward (`_LabelLogSoftmax`, in place), so at most one `[chunk, vocab]` block of logits is alive
+at a time. The chunk's backward runs while every activation of the model is
 still held, so its size adds directly to the peak memory of a step.
+
+Padding: rows of very different lengths are not run as one (R, T) block. They are sorted by length
+and split into at most `LENGTH_BUCKETS` groups, each run trimmed to its own longest row
+(`length_groups` picks the split with the fewest padded positions), so a short row does not pay
+for the batch's longest one. Each row's computation is unchanged (same states up to float
+summation order).
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from softpo.losses import exact_token_kl
 from softpo.packing import PackedRows
 
 DEFAULT_CHUNK = 1024
-LOGIT_BUDGET = 1 << 24  # elements of one [chunk, vocab] block: 64 MiB in float32
+LOGIT_BUDGET = 1 << 26  # elements of one [chunk, vocab] block: 256 MiB in float32
+LENGTH_BUCKETS = 4  # most length groups one batch of rows is split into (1: one padded block)
+GROUP_COST = 0.02  # a group's fixed cost, as a fraction of the unsplit block's positions
 
 
 def chunk_positions(chunk_size: int, vocab: int) -> int:
     """Positions per output-layer chunk: `chunk_size`, fewer when `chunk_size * vocab` would exceed
-    `LOGIT_BUDGET` (GPT-2's 50257-token vocabulary: 333 positions instead of 1024)."""
+    `LOGIT_BUDGET` (a 128,256-token vocabulary: 523 positions instead of 1024)."""
     return max(1, min(chunk_size, LOGIT_BUDGET // vocab))
 
 
@@ -61,28 +69,90 @@ def has_plain_head(model: nn.Module) -> bool:
         not any(getattr(cfg, name, None) not in (None, 1.0) for name in special)
 
 
+def length_groups(lengths: list[int], max_groups: int = LENGTH_BUCKETS,
+                  group_cost: float = GROUP_COST) -> list[list[int]]:
+    """Row indices split into at most `max_groups` groups of similar length, minimising the padded
+    positions sum(len(group) * longest in group) plus `group_cost * len(rows) * max(lengths)` per
+    group (each extra forward pass has a fixed cost). Groups are in increasing length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    L, n = [lengths[i] for i in order], len(order)
+    if n <= 1 or max_groups <= 1:
+        return [order] if n else []
+    fixed = group_cost * n * L[-1]
+    # best[k][j]: cheapest split of the j shortest rows into k groups; cut[k][j]: where the last starts
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (j - i) * L[j - 1] + fixed
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    groups, j = [], n
+    for k in range(k, 0, -1):
+        groups.append(order[cut[k][j]:j])
+        j = cut[k][j]
+    return groups[::-1]
+
+
+def states_at(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+              position_ids: Tensor | None, lengths: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Decoder states at (rows, cols), (N, H), running the rows in length groups (see the module
+    docstring). `lengths` (R,): tokens before each row's padding; a 4-D mask is sliced on both axes."""
+    inner = hf_model(model)
+    groups = length_groups(lengths.tolist(), LENGTH_BUCKETS)
+    if len(groups) <= 1:
+        groups = [list(range(input_ids.shape[0]))]
+    parts, where = [], []
+    local = torch.empty(input_ids.shape[0], dtype=torch.long, device=rows.device)
+    for group in groups:
+        idx = torch.tensor(group, dtype=torch.long, device=input_ids.device)
+        T = int(lengths[idx].max()) if len(groups) > 1 else input_ids.shape[1]
+        mask = attention_mask[idx, :T] if attention_mask.dim() == 2 else \
+            attention_mask[idx][:, :, :T, :T]
+        pos = None if position_ids is None else position_ids[idx, :T]
+        out = inner.base_model(input_ids=input_ids[idx, :T], attention_mask=mask,
+                               position_ids=pos, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (g, T, H)
+        local[idx.to(rows.device)] = torch.arange(len(group), device=rows.device)
+        member = torch.zeros_like(local, dtype=torch.bool)
+        member[idx.to(rows.device)] = True
+        sel = member[rows].nonzero().squeeze(-1)  # (n_g,) the entries in this group
+        parts.append(hidden[local[rows[sel]], cols[sel]])
+        where.append(sel)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)[torch.cat(where).argsort()]  # back to the order of (rows, cols)
+
+
+def row_lengths(attention_mask: Tensor) -> Tensor:
+    """(R, T) right-padded mask -> (R,) position after each row's last token."""
+    T = attention_mask.shape[1]
+    last = T - attention_mask.flip(1).to(torch.long).argmax(1)
+    return torch.where(attention_mask.any(1), last, torch.ones_like(last))
+
+
 def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     response_mask: Tensor, position_ids: Tensor | None = None) -> ResponseStates:
-    """Run the decoder once over all rows and keep the states that predict response tokens."""
-    inner = hf_model(model)
-    out = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (R, T, H)
+    """Run the decoder over all rows and keep the states that predict response tokens."""
     target = response_mask.clone()
     target[:, 0] = False  # the first token has no predecessor
     rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
-    return ResponseStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, cols)
+    hidden = states_at(model, input_ids, attention_mask, position_ids, row_lengths(attention_mask),
+                       rows, cols - 1)
+    return ResponseStates(hidden, input_ids[rows, cols], rows, cols)
 
 
 def packed_states(model: nn.Module, packed: PackedRows) -> ResponseStates:
-    """Shared-prompt rows (see softpo/packing.py): one decoder run per example; the states are
-    indexed by response (`rows` = response index) so that sums over `cols` give per-response sums."""
-    inner = hf_model(model)
-    out = inner.base_model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                           position_ids=packed.position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
-    return ResponseStates(hidden[packed.rows, packed.prev], packed.input_ids[packed.rows, packed.cols],
-                          packed.owner, packed.cols)
+    """Packed rows (see softpo/packing.py); the states are indexed by response (`rows` = response
+    index) so that sums over `cols` give per-response sums."""
+    hidden = states_at(model, packed.input_ids, packed.attention_mask, packed.position_ids,
+                       packed.lengths, packed.rows, packed.prev)
+    return ResponseStates(hidden, packed.input_ids[packed.rows, packed.cols], packed.owner,
+                          packed.cols)
 
 
 def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int) -> Tensor:
@@ -97,20 +167,62 @@ def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int) -
     return scatter_rows(label_logps(states, head, chunk_size), states, shape)
 
 
+class _LabelLogSoftmax(torch.autograd.Function):
+    """log softmax(h W^T + b)[label] for one chunk, (n,), without keeping the logits.
+
+    Forward keeps h and the log-normaliser; backward recomputes the logits once and turns them in
+    place into g * (onehot(label) - softmax), then two matmuls. The same result as checkpointing
+    the autograd formula, with a third of the passes over the logits block: no second logsumexp,
+    no zero-filled gather gradient. The block is held vocabulary-major, (V, n) = W h^T, the layout
+    in which all three matmuls run fastest on the CPU (about 10% over (n, V) at 1024 positions).
+    Matmuls run in the dtype the forward's logits came out in (bf16 under autocast), softmax in
+    float32, as autocast would."""
+
+    @staticmethod
+    def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # (V, n)
+        logits = weight @ hidden.t()
+        return logits if bias is None else logits + bias.to(logits.dtype)[:, None]
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+        logits = _LabelLogSoftmax._logits(hidden, weight, bias)  # (V, n)
+        ctx.compute_dtype = logits.dtype
+        logits = logits.float()
+        lse = logits.logsumexp(0)  # (n,)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        return logits[labels, torch.arange(len(labels), device=labels.device)] - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        h, w = hidden.to(dt), weight.to(dt)
+        logits = _LabelLogSoftmax._logits(h, w, bias).float()  # (V, n)
+        d_logits = logits.sub_(lse[None]).exp_().mul_(-grad[None])  # -g * softmax
+        d_logits[labels, torch.arange(len(labels), device=labels.device)] += grad
+        d_low = d_logits.to(dt)
+        need_h, need_w, need_b, _ = ctx.needs_input_grad
+        d_h = (d_low.t() @ w).to(hidden.dtype) if need_h else None
+        d_w = (d_low @ h).to(weight.dtype) if need_w else None
+        d_b = d_logits.sum(1).to(bias.dtype) if need_b else None
+        return d_h, d_w, d_b, None
+
+
 def _label_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
     logits = nn.functional.linear(hidden, weight, bias).float()  # (n, V)
     return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
 
 
 def label_logps(states: ResponseStates, head: nn.Linear, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """log softmax(head(h))[label] for every state, chunked and checkpointed.  Returns (N,)."""
+    """log softmax(head(h))[label] for every state, chunked; in training each chunk's logits are
+    recomputed in backward (`_LabelLogSoftmax`).  Returns (N,)."""
     parts = []
     chunk_size = chunk_positions(chunk_size, head.weight.shape[0])
     for start in range(0, states.labels.numel(), chunk_size):
         h = states.hidden[start:start + chunk_size]
         y = states.labels[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_label_logps, h, head.weight, head.bias, y, use_reentrant=False))
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            parts.append(_LabelLogSoftmax.apply(h, head.weight, head.bias, y))
         else:
             parts.append(_label_logps(h, head.weight, head.bias, y))
     return torch.cat(parts) if parts else states.hidden.new_zeros(0, dtype=torch.float32)

@@ -43,11 +43,12 @@ class PackedRows:
     prev: Tensor  # (N,) position of the state that predicts it
     owner: Tensor  # (N,) response index b * n + j it belongs to
     num_responses: int  # R
+    lengths: Tensor  # (B,) tokens before each row's padding
 
     def to(self, device) -> "PackedRows":
         return PackedRows(*(getattr(self, f).to(device) for f in
                             ("input_ids", "attention_mask", "position_ids", "rows", "cols", "prev",
-                             "owner")), self.num_responses)
+                             "owner")), self.num_responses, self.lengths.to(device))
 
 
 def mask_style(model) -> str:
@@ -73,62 +74,121 @@ def packable_style(model) -> str:
     return style
 
 
-def pack_shared_prompt(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor,
-                       pad_token_id: int, style: str = "bool") -> PackedRows:
-    """Padded rows (B*n, T0) of `[prompt, response_j]` -> packed rows (B, T).
+@dataclass
+class _Unit:
+    """Tokens that stay together in one packed row: a prompt and the responses that attend to it."""
 
-    `response_mask` marks the response tokens of each padded row; the prompt of example b is read
-    from its first row (every row of an example starts with the same prompt).
-    """
+    tokens: list[int]
+    segment: list[int]  # 0 prompt, j+1 response j
+    position: list[int]
+    scored: list[tuple[int, int, int]]  # (column, column of the predicting state, response index)
+
+
+def _units(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor, pad_token_id: int,
+           share_prompt: bool) -> list[_Unit]:
+    """One unit per example ([prompt, response_1, ..., response_n]) or, without `share_prompt`, one
+    per response ([prompt, response_j], the padded row without its padding)."""
     B, n = response_valid.shape
     ids, resp = input_ids.cpu(), response_mask.cpu()
-    seqs, segs, poss = [], [], []
-    rows, cols, prev, owner = [], [], [], []
+    units = []
     for b in range(B):
         first = resp[b * n].nonzero()
         P = int(first[0]) if len(first) else int((ids[b * n] != pad_token_id).sum())
-        seq, seg, pos = ids[b * n, :P].tolist(), [0] * P, list(range(P))
+        prompt = ids[b * n, :P].tolist()
+        unit = None
         for j in range(n):
             r = b * n + j
+            if unit is None or not share_prompt:
+                unit = _Unit(list(prompt), [0] * P, list(range(P)), [])
+                units.append(unit)
             tokens = ids[r][resp[r]].tolist() if bool(response_valid[b, j]) else []
-            start = len(seq)
-            for k, token in enumerate(tokens):
+            start = len(unit.tokens)
+            unit.scored += [(start + k, P - 1 if k == 0 else start + k - 1, r)
+                            for k in range(len(tokens))]
+            unit.tokens += tokens
+            unit.segment += [j + 1] * len(tokens)
+            unit.position += range(P, P + len(tokens))
+    return units
+
+
+def _bins(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Unit indices per row: first-fit decreasing into rows of `capacity` tokens (at least the
+    longest unit); None: one unit per row, in order."""
+    if capacity is None:
+        return [[i] for i in range(len(lengths))]
+    capacity = max(capacity, max(lengths, default=0))
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = next((k for k, f in enumerate(free) if f >= lengths[i]), None)
+        if k is None:
+            rows.append([])
+            free.append(capacity)
+            k = len(rows) - 1
+        rows[k].append(i)
+        free[k] -= lengths[i]
+    return rows
+
+
+def pack(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor, pad_token_id: int,
+         style: str = "bool", share_prompt: bool = True, row_tokens: int | None = None
+         ) -> PackedRows:
+    """Padded rows (B*n, T0) of `[prompt, response_j]` -> packed rows (rows, T).
+
+    `response_mask` marks the response tokens of each padded row; the prompt of example b is read
+    from its first row (every row of an example starts with the same prompt). `share_prompt`: one
+    unit per example, the prompt once; otherwise one unit per response (padding-free rows).
+    `row_tokens`: pack several units into rows of that many tokens (never splitting a unit; a
+    longer unit gets a row of its own); None: one unit per row.
+    """
+    units = _units(input_ids, response_mask, response_valid, pad_token_id, share_prompt)
+    bins = _bins([len(u.tokens) for u in units], row_tokens)
+    T = max((sum(len(units[i].tokens) for i in row) for row in bins), default=1)
+    packed = torch.full((len(bins), T), pad_token_id, dtype=input_ids.dtype)
+    unit_id = torch.full((len(bins), T), -1, dtype=torch.long)  # -1: padding
+    segment = torch.zeros((len(bins), T), dtype=torch.long)
+    position = torch.zeros((len(bins), T), dtype=torch.long)
+    rows, cols, prev, owner = [], [], [], []
+    for b, row in enumerate(bins):
+        at = 0
+        for i in row:
+            u, end = units[i], at + len(units[i].tokens)
+            packed[b, at:end] = torch.tensor(u.tokens, dtype=input_ids.dtype)
+            unit_id[b, at:end] = i
+            segment[b, at:end] = torch.tensor(u.segment)
+            position[b, at:end] = torch.tensor(u.position)
+            for col, pred, r in u.scored:
                 rows.append(b)
-                cols.append(start + k)
-                prev.append(P - 1 if k == 0 else start + k - 1)
+                cols.append(at + col)
+                prev.append(at + pred)
                 owner.append(r)
-            seq += tokens
-            seg += [j + 1] * len(tokens)
-            pos += range(P, P + len(tokens))
-        seqs.append(seq)
-        segs.append(seg)
-        poss.append(pos)
-    T = max(len(s) for s in seqs)
-    packed = torch.full((B, T), pad_token_id, dtype=ids.dtype)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
-    position = torch.zeros((B, T), dtype=torch.long)
-    for b, (s, g, p) in enumerate(zip(seqs, segs, poss)):
-        packed[b, :len(s)] = torch.tensor(s, dtype=ids.dtype)
-        segment[b, :len(g)] = torch.tensor(g)
-        position[b, :len(p)] = torch.tensor(p)
+            at = end
+    order = sorted(range(len(owner)), key=lambda k: (owner[k], cols[k]))  # response by response
+    pick = lambda xs: torch.tensor([xs[k] for k in order], dtype=torch.long,  # noqa: E731
+                                   device=input_ids.device)
     device = input_ids.device
-    long = dict(dtype=torch.long, device=device)
-    return PackedRows(packed.to(device), attention_mask(segment, style).to(device),
-                      position.to(device), torch.tensor(rows, **long), torch.tensor(cols, **long),
-                      torch.tensor(prev, **long), torch.tensor(owner, **long), B * n)
+    return PackedRows(packed.to(device), attention_mask(unit_id, segment, style).to(device),
+                      position.to(device), pick(rows), pick(cols), pick(prev), pick(owner),
+                      response_valid.numel(), (unit_id >= 0).sum(1).to(device))
 
 
-def attention_mask(segment: Tensor, style: str) -> Tensor:
-    """(B, T) segment ids (0 prompt, j+1 response j, -1 pad) -> (B, 1, T, T) mask.
+def pack_shared_prompt(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor,
+                       pad_token_id: int, style: str = "bool") -> PackedRows:
+    """One row per example, [prompt, response_1, ..., response_n] (see `pack`)."""
+    return pack(input_ids, response_mask, response_valid, pad_token_id, style)
 
-    allowed[q, k] = k <= q and k is not padding and (k is prompt or k, q in the same response);
-    a padding query sees itself only (no all-masked row, hence no NaN; its output is never used).
+
+def attention_mask(unit: Tensor, segment: Tensor, style: str) -> Tensor:
+    """(B, T) unit ids (-1 pad) and segment ids (0 prompt, j+1 response j) -> (B, 1, T, T) mask.
+
+    allowed[q, k] = k <= q, k and q in the same unit, and k is prompt or in q's response; a padding
+    query sees itself only (no all-masked row, hence no NaN; its output is never used).
     """
     T = segment.shape[1]
     q = torch.arange(T)
     causal = q[None, :, None] >= q[None, None, :]  # (1, T, T)
+    same_unit = (unit[:, None, :] == unit[:, :, None]) & (unit[:, None, :] >= 0)  # (B, T, T)
     key, query = segment[:, None, :], segment[:, :, None]  # (B, 1, T), (B, T, 1)
-    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
+    allowed = causal & same_unit & ((key == 0) | (key == query))
     allowed |= torch.eye(T, dtype=torch.bool)[None]
     allowed = allowed[:, None]  # (B, 1, T, T)
     if style == "bool":

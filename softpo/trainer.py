@@ -189,7 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------ speed features
 
     def _packing_style(self) -> str | None:
-        """None for padded rows; the 4-D mask style for `model.packing=shared_prompt`."""
+        """None for padded rows; the 4-D mask style for the packed layouts."""
         if self.cfg.model.packing == "none":
             return None
         from softpo.packing import packable_style
@@ -211,13 +211,16 @@ class Trainer:
             self.reference = None
 
     def rows(self, batch):
-        """The layout the forward pass runs: padded rows, or shared-prompt packed rows."""
+        """The layout the forward pass runs: padded rows, or packed rows (softpo/packing.py)."""
         if self.pack_style is None:
             return Rows(batch.input_ids, batch.attention_mask, batch.response_mask)
-        from softpo.packing import pack_shared_prompt
+        from softpo.packing import pack
 
-        return pack_shared_prompt(batch.input_ids, batch.response_mask, batch.response_valid,
-                                  self.tokenizer.pad_token_id, self.pack_style)
+        m = self.cfg.model
+        return pack(batch.input_ids, batch.response_mask, batch.response_valid,
+                    self.tokenizer.pad_token_id, self.pack_style,
+                    share_prompt=m.packing == "shared_prompt",
+                    row_tokens=m.pack_tokens or 2 * batch.input_ids.shape[1])
 
     def ref_logps(self, batch, rows) -> Tensor:  # (R,)
         if self.ref_cache is not None:

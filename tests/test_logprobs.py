@@ -10,7 +10,7 @@ from softpo.losses import exact_token_kl
 
 def test_chunk_positions_respects_the_logit_budget(monkeypatch):
     monkeypatch.setattr(logprobs, "LOGIT_BUDGET", 1 << 24)
-    assert chunk_positions(1024, 50257) == 333  # GPT-2's vocabulary
+    assert chunk_positions(1024, 50257) == 333  # GPT-2's vocabulary under a 2^24 budget
     assert chunk_positions(1024, 1000) == 1024  # small vocabulary: the requested chunk
     assert chunk_positions(8, 10 ** 9) == 1  # never zero
 
@@ -49,3 +49,97 @@ def test_token_kl_with_tiny_chunks_equals_unchunked(monkeypatch):
     g_got = torch.autograd.grad((kl + lp).sum(), states.hidden)[0]
     g_want = torch.autograd.grad((want_kl + want_lp).sum(), states.hidden)[0]
     torch.testing.assert_close(g_got, g_want)
+
+
+# ------------------------------------------------------------------ length groups
+
+
+def test_length_groups_by_hand():
+    """Rows of 10, 100, 12, 98 tokens: one block is 4 x 100 = 400 positions (+ 8 fixed cost),
+    two groups {10, 12} and {98, 100} are 2 x 12 + 2 x 100 = 224 (+ 16), three groups cost more
+    (24 + 98 + 100 + 24 = 246): two groups, shortest first."""
+    from softpo.logprobs import length_groups
+
+    assert length_groups([10, 100, 12, 98]) == [[0, 2], [3, 1]]
+    assert length_groups([10, 100, 12, 98], max_groups=1) == [[0, 2, 3, 1]]
+    assert length_groups([50, 50, 50]) == [[0, 1, 2]]  # nothing to save: one block
+    assert length_groups([7]) == [[0]] and length_groups([]) == []
+
+
+def test_row_lengths_of_right_and_left_padding():
+    from softpo.logprobs import row_lengths
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
+    assert row_lengths(mask).tolist() == [3, 5, 4, 1]
+
+
+def _tiny_llama():
+    from softpo.config import TinyModelConfig
+    from softpo.models import build_tiny_model, byte_tokenizer
+
+    tok = byte_tokenizer()
+    return build_tiny_model(TinyModelConfig(n_layer=2, n_embd=32, n_head=2), tok, seed=0,
+                            attn_implementation="sdpa"), tok
+
+
+def test_grouped_rows_give_the_states_and_gradients_of_one_block(monkeypatch):
+    """Rows of 3..40 tokens: run in length groups they give the one-block states and gradients."""
+    from softpo.logprobs import Rows, length_groups, score_tokens
+
+    model, tok = _tiny_llama()
+    lengths = [3, 40, 5, 38, 21]
+    T = max(lengths)
+    ids = torch.randint(3, 200, (len(lengths), T))
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids[mask == 0] = tok.pad_token_id
+    response = mask.bool() & (torch.arange(T) >= 2)
+    assert len(length_groups(lengths)) > 1  # the grouped path really runs
+    results = []
+    for buckets in (logprobs.LENGTH_BUCKETS, 1):
+        monkeypatch.setattr(logprobs, "LENGTH_BUCKETS", buckets)
+        calls = []
+        monkeypatch.setattr(logprobs, "length_groups",
+                            lambda *a, _f=length_groups: calls.append(_f(*a)) or calls[-1])
+        lp = score_tokens(model, Rows(ids, mask, response), 1024)
+        grads = torch.autograd.grad(lp.sum(), list(model.parameters()))
+        results.append((lp.detach(), grads))
+        assert (len(calls[-1]) > 1) == (buckets > 1)
+    (grouped, g_grouped), (block, g_block) = results
+    torch.testing.assert_close(grouped, block, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_grouped, g_block):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert (grouped[response] != 0).all() and (grouped[~response] == 0).all()
+
+
+def test_label_log_softmax_function_with_bias_and_under_autocast():
+    """The custom backward against autograd on the plain formula: with a bias, with only some
+    inputs needing gradient, and under bf16 autocast (matmuls in bf16 both ways)."""
+    from softpo.logprobs import _label_logps, _LabelLogSoftmax
+
+    torch.manual_seed(3)
+    h = torch.randn(7, 16, requires_grad=True)
+    head = nn.Linear(16, 50)
+    y = torch.randint(0, 50, (7,))
+    g = torch.randn(7)
+    got = _LabelLogSoftmax.apply(h, head.weight, head.bias, y)
+    want = _label_logps(h, head.weight, head.bias, y)
+    torch.testing.assert_close(got, want)
+    params = [h, head.weight, head.bias]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b)
+    head.weight.requires_grad_(False)  # LoRA: a frozen head gets no gradient, h still does
+    got = _LabelLogSoftmax.apply(h, head.weight, None, y)
+    (d_h,) = torch.autograd.grad(got, [h], g)
+    torch.testing.assert_close(d_h, torch.autograd.grad(_label_logps(h, head.weight, None, y),
+                                                        [h], g)[0])
+    head.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _LabelLogSoftmax.apply(h, head.weight, head.bias, y)
+        want = _label_logps(h, head.weight, head.bias, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)  # bf16 rounding, bias order
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

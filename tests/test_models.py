@@ -280,3 +280,32 @@ def test_default_model_conversion(cache):
     assert new[-1].item() == tok.eos_token_id and len(new) < 40
     text = tok.decode(new)
     assert text.endswith("<|im_end|>") and "Paris" in text
+
+
+def test_fused_gelu_gives_the_same_outputs_and_gradients():
+    """GPT-2's Python `gelu_new` swapped for torch's fused tanh GELU: same logits and gradients to
+    float rounding, and the swap really happened."""
+    import copy
+
+    from transformers.activations import NewGELUActivation
+
+    tok = models.byte_tokenizer()
+    cfg = TinyModelConfig(architecture="gpt2", n_layer=2, n_embd=32, n_head=2)
+    fused = models.build_tiny_model(cfg, tok, seed=0)
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in fused.modules())
+    plain = copy.deepcopy(fused)
+    for block in plain.transformer.h:
+        block.mlp.act = NewGELUActivation()
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(torch.nn.GELU(approximate="tanh")(x), NewGELUActivation()(x),
+                               rtol=1e-6, atol=1e-6)
+    ids = torch.randint(0, 256, (2, 12))
+    outs = []
+    for model in (fused, plain):
+        logits = model(input_ids=ids).logits
+        outs.append((logits.detach(), torch.autograd.grad(logits.square().mean(),
+                                                           list(model.parameters()))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

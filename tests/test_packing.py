@@ -1,5 +1,6 @@
-"""Shared-prompt packing (softpo/packing.py): the layout by hand, and the same losses and gradients as
-the padded layout through the whole trainer, for both tiny architectures and both mask styles."""
+"""Packed layouts (softpo/packing.py): shared-prompt and padding-free rows by hand, and the same
+losses and gradients as the padded layout through the whole trainer, for both tiny architectures,
+both mask styles and both packed layouts."""
 
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from softpo.collate import TokenizedExample, collate
 from softpo.config import load_config
 from softpo.errors import UserError
-from softpo.packing import mask_style, pack_shared_prompt
+from softpo.packing import _bins, mask_style, pack, pack_shared_prompt
 from softpo.trainer import StepStats, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,33 @@ def test_layout_by_hand():
     assert p.attention_mask[1, 0, 7].int().tolist() == [0] * 7 + [1]  # padding sees itself only
 
 
+def test_padding_free_rows_by_hand():
+    """Without a shared prompt each response is its own [prompt, response] unit: lengths 6, 5, 3
+    and 5. Rows of 10 tokens, first-fit decreasing: [6-unit | 3-unit], [5 | 5]; a unit sees only
+    itself (causally), never its row neighbour."""
+    batch = hand_batch()
+    p = pack(batch.input_ids, batch.response_mask, batch.response_valid, 0, share_prompt=False,
+             row_tokens=10)
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 5, 13, 14, 0],
+                                    [5, 6, 7, 11, 12, 5, 15, 16, 17, 18]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    assert p.lengths.tolist() == [9, 10]
+    assert p.owner.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]  # response by response
+    assert p.rows.tolist() == [0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1]
+    assert p.cols.tolist() == [3, 4, 5, 3, 4, 7, 8, 6, 7, 8, 9]
+    assert p.prev.tolist() == [2, 3, 4, 2, 3, 6, 7, 5, 6, 7, 8]
+    m = p.attention_mask[1, 0].int()
+    assert m[5].tolist() == [0] * 5 + [1] + [0] * 4  # the second unit's first token: itself only
+    assert m[9].tolist() == [0] * 5 + [1] * 5
+    assert m[4].tolist() == [1] * 5 + [0] * 5
+
+
+def test_bins_first_fit_decreasing():
+    assert _bins([6, 5, 3, 5], 10) == [[0, 2], [1, 3]]
+    assert _bins([6, 5, 3, 5], None) == [[0], [1], [2], [3]]
+    assert _bins([12, 3], 10) == [[0], [1]]  # a unit longer than a row gets a row of its own
+
+
 def make_trainer(tmp_path, **extra) -> Trainer:
     base = {"data.train": DATA, "data.max_length": 64, "data.max_prompt_length": 32,
             "model.tiny.n_layer": 2, "model.tiny.n_embd": 32, "model.tiny.n_head": 2,
@@ -51,10 +79,13 @@ def make_trainer(tmp_path, **extra) -> Trainer:
 
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
 @pytest.mark.parametrize("loss", ["spo", "dpo"])
-def test_packed_equals_padded_through_the_trainer(tmp_path, arch, attn, loss):
+@pytest.mark.parametrize("packing,pack_tokens", [("shared_prompt", 0), ("padding_free", 0),
+                                                 ("padding_free", 30)])
+def test_packed_equals_padded_through_the_trainer(tmp_path, arch, attn, loss, packing, pack_tokens):
     """Same loss and same gradient as the padded layout, policy and (for dpo) reference."""
     extra = {"model.tiny.architecture": arch, "model.attn_implementation": attn, "loss.name": loss,
-             "loss.beta": 0.0 if loss == "spo" else 0.5}
+             "loss.beta": 0.0 if loss == "spo" else 0.5, "model.packing": packing,
+             "model.pack_tokens": pack_tokens}
     t = make_trainer(tmp_path, **extra)
     with torch.no_grad():  # move the policy away from the reference so that ratios are not zero
         for p in t.policy.parameters():
@@ -62,6 +93,8 @@ def test_packed_equals_padded_through_the_trainer(tmp_path, arch, attn, loss):
     batch = t._collate(t.train_set[:4])
     model = t.acc.unwrap_model(t.scorer).model
     results = []
+    if pack_tokens == 0:  # rows really packed (30 tokens: some units are longer than a row)
+        assert t.rows(batch).input_ids.shape[0] < batch.input_ids.shape[0]
     for style in (None, mask_style(model)):
         t.pack_style = style
         loss_value = t.forward_loss(batch, False, StepStats(), scale=0.25)

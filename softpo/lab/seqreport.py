@@ -5,6 +5,8 @@
              and to each loss's own optimum, entropies.
     growth   the same training budget on 2^6 .. 2^14 preference pairs: entropy and KL to the
              predicted optimum of SPO (beta = 0), SPO with the global KL, and DPO.
+    growth-large  the same on a world of |Y| = 341 responses (letters abcd, up to 4), where small
+             data sets compare most pairs once, one way, and leave many responses in no example.
     drift    few pairs on the larger world (|Y| = 40), so that some responses are in no example:
              the mass the trained model puts on them against the reference's, for SPO with the
              global KL (fresh samples), DPO (in-data regularisation only) and SPO with beta = 0.
@@ -104,10 +106,21 @@ GROWTH_COLUMNS = ("loss", "beta", "pairs", "entropy", "own_optimum_entropy", "kl
                   "kl_to_target", "kl_to_ref", "seconds")
 
 
+GROWTH_LARGE_WORLD = {"letters": "abcd", "max_len": 4}  # |Y| = 341
+GROWTH_LARGE_COLUMNS = GROWTH_COLUMNS[:3] + ("unseen_responses",) + GROWTH_COLUMNS[3:]
+
+
 def growth(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
     changes = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
     return _experiment(base, changes, out, echo, "growth", "Sequence lab: more preference data",
                        GROWTH_COLUMNS, plot_growth)
+
+
+def growth_large(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
+    changes = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
+    return _experiment(replace(base, **GROWTH_LARGE_WORLD), changes, out, echo, "growth-large",
+                       "Sequence lab: more preference data on a larger world",
+                       GROWTH_LARGE_COLUMNS, plot_growth)
 
 
 # ------------------------------------------------------------------------------------------ drift
@@ -140,7 +153,7 @@ def _experiment(base: SeqConfig, changes: list[dict], out: Path | None, echo: bo
     return rows
 
 
-EXPERIMENTS = {"table": table, "growth": growth, "drift": drift}
+EXPERIMENTS = {"table": table, "growth": growth, "growth-large": growth_large, "drift": drift}
 
 
 # ------------------------------------------------------------------------------------------ plots

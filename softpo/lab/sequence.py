@@ -284,9 +284,10 @@ def sequence_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", default="runs/lab_sequence",
       help="folder for plots and reports (default %(default)s)")
     a("--no-plots", action="store_true", help="write no files")
-    a("--report", choices=("table", "growth", "drift"), default=None,
+    a("--report", choices=("table", "growth", "growth-large", "drift"), default=None,
       help="run an experiment of docs/lab.md instead of one run: table (SPO at alpha 0.5/1/2 and "
-      "the baselines), growth (entropy as data grows), drift (mass on unseen responses)")
+      "the baselines), growth (entropy as data grows), growth-large (the same on |Y| = 341), "
+      "drift (mass on unseen responses)")
 
 
 def sequence_command(args: argparse.Namespace) -> int:
