@@ -70,6 +70,8 @@ VARIANTS = {v.name: v for v in [
     Variant("spo", "softpo", "spo", beta=0.0, summary="softpo SPO, no regulariser"),
     Variant("spo-shared-prompt", "softpo", "spo", beta=0.0, packing="shared_prompt",
             summary="softpo SPO, no regulariser, prompt computed once per pair"),
+    Variant("spo-padding-free", "softpo", "spo", beta=0.0, packing="padding_free",
+            summary="softpo SPO, no regulariser, [prompt, response] rows packed back to back"),
     Variant("spo-full-logits", "softpo", "spo", beta=0.0, full_logits=True,
             summary="softpo SPO with the full [rows, T, vocab] logits (chunking off)"),
     Variant("spo-chunk1024", "softpo", "spo", beta=0.0, logit_budget=1 << 62,
