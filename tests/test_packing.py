@@ -146,3 +146,26 @@ def test_packed_sample_scoring_equals_padded(arch, attn):
     for a, b in zip(padded, packed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(padded[0], padded[1])  # policy and reference really differ
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_packed_rows_in_length_groups_equal_one_block(monkeypatch, arch, attn):
+    """Packed rows of 6, 5, 3 and 5 tokens run in length groups (4-D mask sliced on both axes) give
+    the log-probs of one block."""
+    from softpo import logprobs
+    from softpo.config import TinyModelConfig
+    from softpo.models import build_tiny_model, byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = build_tiny_model(TinyModelConfig(architecture=arch, n_layer=2, n_embd=32, n_head=2),
+                             tok, seed=0, attn_implementation=attn)
+    batch = hand_batch()
+    p = pack(batch.input_ids, batch.response_mask, batch.response_valid, 0, mask_style(model),
+             share_prompt=False)
+    assert len(logprobs.length_groups(p.lengths.tolist(), 4)) > 1
+    out = []
+    for buckets in (4, 1):
+        monkeypatch.setattr(logprobs, "LENGTH_BUCKETS", buckets)
+        with torch.no_grad():
+            out.append(logprobs.score_tokens(model, p, 1024).sum(-1))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
