@@ -70,31 +70,35 @@ def has_plain_head(model: nn.Module) -> bool:
 
 
 def length_groups(lengths: list[int], max_groups: int = LENGTH_BUCKETS,
-                  group_cost: float = GROUP_COST) -> list[list[int]]:
+                  group_cost: float = GROUP_COST, max_cuts: int = 256) -> list[list[int]]:
     """Row indices split into at most `max_groups` groups of similar length, minimising the padded
     positions sum(len(group) * longest in group) plus `group_cost * len(rows) * max(lengths)` per
-    group (each extra forward pass has a fixed cost). Groups are in increasing length."""
+    group (each extra forward pass has a fixed cost). Groups are in increasing length. Exact over
+    contiguous splits of the sorted rows; with more than `max_cuts` rows, groups may only start
+    at `max_cuts` evenly spaced places (the search is quadratic in them)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     L, n = [lengths[i] for i in order], len(order)
     if n <= 1 or max_groups <= 1:
         return [order] if n else []
     fixed = group_cost * n * L[-1]
-    # best[k][j]: cheapest split of the j shortest rows into k groups; cut[k][j]: where the last starts
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    cuts = sorted({round(i * n / max_cuts) for i in range(max_cuts + 1)}) if n > max_cuts \
+        else list(range(n + 1))
+    m, inf = len(cuts) - 1, float("inf")
+    # best[k][j]: cheapest split of rows [0, cuts[j]) into k groups; back[k][j]: the last one's start
+    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
+    back = [[0] * (m + 1) for _ in range(max_groups + 1)]
     best[0][0] = 0.0
     for k in range(1, max_groups + 1):
-        for j in range(1, n + 1):
+        for j in range(1, m + 1):
             for i in range(k - 1, j):
-                cost = best[k - 1][i] + (j - i) * L[j - 1] + fixed
+                cost = best[k - 1][i] + (cuts[j] - cuts[i]) * L[cuts[j] - 1] + fixed
                 if cost < best[k][j]:
-                    best[k][j], cut[k][j] = cost, i
-    k = min(range(1, max_groups + 1), key=lambda k: best[k][n])
-    groups, j = [], n
+                    best[k][j], back[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda k: best[k][m])
+    groups, j = [], m
     for k in range(k, 0, -1):
-        groups.append(order[cut[k][j]:j])
-        j = cut[k][j]
+        groups.append(order[cuts[back[k][j]]:cuts[j]])
+        j = back[k][j]
     return groups[::-1]
 
 

@@ -143,3 +143,21 @@ def test_label_log_softmax_function_with_bias_and_under_autocast():
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_length_groups_on_many_rows_use_coarse_cuts_and_cover_every_row():
+    """Past `max_cuts` rows the split points are coarse: every row is still in exactly one group,
+    groups are sorted by length, and the padded positions are no worse than one block."""
+    import random
+
+    from softpo.logprobs import length_groups
+
+    rng = random.Random(0)
+    lengths = [rng.randint(50, 2000) for _ in range(1000)]
+    groups = length_groups(lengths, 4, max_cuts=64)
+    assert sorted(i for g in groups for i in g) == list(range(1000))
+    tops = [max(lengths[i] for i in g) for g in groups]
+    assert tops == sorted(tops) and 1 < len(groups) <= 4
+    assert sum(len(g) * t for g, t in zip(groups, tops)) < 1000 * max(lengths)
+    exact, coarse = length_groups(lengths[:200], 4), length_groups(lengths[:200], 4, max_cuts=200)
+    assert exact == coarse  # with max_cuts >= rows the search is the exact one
