@@ -61,7 +61,7 @@ def score_samples(model, reference: Reference | None, batch: SampleBatch,
 
 
 def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> PackedRows | None:
-    from softpo.packing import pack_shared_prompt, packable_style
+    from softpo.packing import pack, packable_style
 
     if pad_token_id is None or batch.samples_per_prompt < 2:
         return None
@@ -71,7 +71,7 @@ def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> Pack
         return None
     rows = batch.rows
     valid = torch.ones(batch.num_prompts, batch.samples_per_prompt, dtype=torch.bool)
-    return pack_shared_prompt(rows.input_ids, rows.response_mask, valid, pad_token_id, style)
+    return pack(rows.input_ids, rows.response_mask, valid, pad_token_id, style)  # a row per prompt
 
 
 @torch.no_grad()

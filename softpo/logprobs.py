@@ -102,33 +102,36 @@ def length_groups(lengths: list[int], max_groups: int = LENGTH_BUCKETS,
     return groups[::-1]
 
 
+def _decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    position_ids: Tensor | None) -> Tensor:  # (R, T, H)
+    out = hf_model(model).base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def states_at(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
               position_ids: Tensor | None, lengths: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """Decoder states at (rows, cols), (N, H), running the rows in length groups (see the module
     docstring). `lengths` (R,): tokens before each row's padding; a 4-D mask is sliced on both axes."""
-    inner = hf_model(model)
     groups = length_groups(lengths.tolist(), LENGTH_BUCKETS)
     if len(groups) <= 1:
-        groups = [list(range(input_ids.shape[0]))]
+        return _decoder_hidden(model, input_ids, attention_mask, position_ids)[rows, cols]
+    group_of = torch.empty(input_ids.shape[0], dtype=torch.long, device=rows.device)
+    local = torch.empty_like(group_of)  # each row's index within its group
+    for g, group in enumerate(groups):
+        idx = torch.tensor(group, dtype=torch.long, device=rows.device)
+        group_of[idx], local[idx] = g, torch.arange(len(group), device=rows.device)
     parts, where = [], []
-    local = torch.empty(input_ids.shape[0], dtype=torch.long, device=rows.device)
-    for group in groups:
+    for g, group in enumerate(groups):
         idx = torch.tensor(group, dtype=torch.long, device=input_ids.device)
-        T = int(lengths[idx].max()) if len(groups) > 1 else input_ids.shape[1]
+        T = int(lengths[idx].max())
         mask = attention_mask[idx, :T] if attention_mask.dim() == 2 else \
             attention_mask[idx][:, :, :T, :T]
         pos = None if position_ids is None else position_ids[idx, :T]
-        out = inner.base_model(input_ids=input_ids[idx, :T], attention_mask=mask,
-                               position_ids=pos, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (g, T, H)
-        local[idx.to(rows.device)] = torch.arange(len(group), device=rows.device)
-        member = torch.zeros_like(local, dtype=torch.bool)
-        member[idx.to(rows.device)] = True
-        sel = member[rows].nonzero().squeeze(-1)  # (n_g,) the entries in this group
+        hidden = _decoder_hidden(model, input_ids[idx, :T], mask, pos)  # (g, T, H)
+        sel = (group_of[rows] == g).nonzero().squeeze(-1)  # (n_g,) the entries in this group
         parts.append(hidden[local[rows[sel]], cols[sel]])
         where.append(sel)
-    if len(parts) == 1:
-        return parts[0]
     return torch.cat(parts)[torch.cat(where).argsort()]  # back to the order of (rows, cols)
 
 

@@ -1,4 +1,5 @@
-"""Shared-prompt packing: one row per example, the prompt computed once for all its responses.
+"""Packed layouts: shared-prompt units (the prompt computed once for all its responses) and
+padding-free units (`[prompt, response]` without its padding), several units per row (`pack`).
 
 The padded layout (`softpo.collate`) spends one row per response, `[prompt, response_j, pad]`, so a
 pair runs its prompt through the model twice. Packed, example b is one row
@@ -169,12 +170,6 @@ def pack(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor, pad_t
     return PackedRows(packed.to(device), attention_mask(unit_id, segment, style).to(device),
                       position.to(device), pick(rows), pick(cols), pick(prev), pick(owner),
                       response_valid.numel(), (unit_id >= 0).sum(1).to(device))
-
-
-def pack_shared_prompt(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor,
-                       pad_token_id: int, style: str = "bool") -> PackedRows:
-    """One row per example, [prompt, response_1, ..., response_n] (see `pack`)."""
-    return pack(input_ids, response_mask, response_valid, pad_token_id, style)
 
 
 def attention_mask(unit: Tensor, segment: Tensor, style: str) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from softpo.collate import TokenizedExample, collate
 from softpo.config import load_config
 from softpo.errors import UserError
-from softpo.packing import _bins, mask_style, pack, pack_shared_prompt
+from softpo.packing import _bins, mask_style, pack
 from softpo.trainer import StepStats, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def test_layout_by_hand():
     15 16 17 18 | pad pad] at [0 | 1 2 | 1 2 3 4 | 0 0]. Response 1's first token (11 at column 6)
     is predicted from the last prompt token (column 2), not from column 5."""
     batch = hand_batch()
-    p = pack_shared_prompt(batch.input_ids, batch.response_mask, batch.response_valid, 0)
+    p = pack(batch.input_ids, batch.response_mask, batch.response_valid, 0)
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12], [5, 13, 14, 15, 16, 17, 18, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4], [0, 1, 2, 1, 2, 3, 4, 0]]
     assert p.cols.tolist() == [3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6]

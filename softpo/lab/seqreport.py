@@ -110,15 +110,17 @@ GROWTH_LARGE_WORLD = {"letters": "abcd", "max_len": 4}  # |Y| = 341
 GROWTH_LARGE_COLUMNS = GROWTH_COLUMNS[:3] + ("unseen_responses",) + GROWTH_COLUMNS[3:]
 
 
+GROWTH_CHANGES = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
+
+
 def growth(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
-    changes = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
-    return _experiment(base, changes, out, echo, "growth", "Sequence lab: more preference data",
-                       GROWTH_COLUMNS, plot_growth)
+    return _experiment(base, GROWTH_CHANGES, out, echo, "growth",
+                       "Sequence lab: more preference data", GROWTH_COLUMNS, plot_growth)
 
 
 def growth_large(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
-    changes = [dict(m, alpha=1.0, pairs=n) for m in GROWTH_METHODS for n in GROWTH_PAIRS]
-    return _experiment(replace(base, **GROWTH_LARGE_WORLD), changes, out, echo, "growth-large",
+    return _experiment(replace(base, **GROWTH_LARGE_WORLD), GROWTH_CHANGES, out, echo,
+                       "growth-large",
                        "Sequence lab: more preference data on a larger world",
                        GROWTH_LARGE_COLUMNS, plot_growth)
 
