@@ -7,6 +7,8 @@
              predicted optimum of SPO (beta = 0), SPO with the global KL, and DPO.
     growth-large  the same on a world of |Y| = 341 responses (letters abcd, up to 4), where small
              data sets compare most pairs once, one way, and leave many responses in no example.
+    seeds    SPO (pairs, beta = 0) at alpha 0.5 / 1 / 2 over seeds 0-4 (each seed its own world,
+             reference, data and samples): median and worst exact KL to softmax(r/alpha).
     drift    few pairs on the larger world (|Y| = 40), so that some responses are in no example:
              the mass the trained model puts on them against the reference's, for SPO with the
              global KL (fresh samples), DPO (in-data regularisation only) and SPO with beta = 0.
@@ -62,7 +64,8 @@ def setup_line(cfg: SeqConfig, size: int) -> str:
     return (f"Letters `{cfg.letters}`, responses of at most {cfg.max_len} letters (|Y| = {size}); "
             f"r ~ {cfg.reward_scale:g} N(0, 1), reference fitted to softmax({cfg.ref_scale:g} "
             f"N(0, 1)) ({cfg.sft_steps} exact maximum-likelihood steps); Llama {cfg.n_layer} x "
-            f"{cfg.n_embd}; Trainer: AdamW lr {cfg.lr:g} (cosine), {cfg.steps} steps x "
+            f"{cfg.n_embd}; Trainer: AdamW lr {cfg.lr:g} (cosine, beta2 {cfg.adam_beta2:g}), "
+            f"{cfg.steps} steps x "
             f"{cfg.batch_size} examples, "
             f"global KL (beta > 0) with the `{cfg.estimator}` estimator on {cfg.samples} fresh "
             f"samples per step; seed {cfg.seed}. KL in nats, exact over Y.")
@@ -76,7 +79,7 @@ TABLE_RUNS = ([{"loss": "spo", "alpha": a, "beta": 0.0} for a in (0.5, 1.0, 2.0)
                  {"loss": "spo", "alpha": 1.0, "beta": 0.5}]
               + [{"loss": "dpo", "alpha": 1.0, "beta": b} for b in (0.5, 1.0, 2.0)]
               + [{"loss": name, "alpha": 1.0, "beta": 1.0} for name in ("ipo", "simpo", "cpo")])
-TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "entropy", "target_entropy",
+TABLE_COLUMNS = ("loss", "data", "alpha", "beta", "kl_to_target", "data_floor", "entropy", "target_entropy",
                  "kl_to_own_optimum", "own_optimum", "own_optimum_entropy", "seconds")
 
 
@@ -95,6 +98,42 @@ def table(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
     if echo:
         print(text)
     return rows
+
+
+# ------------------------------------------------------------------------------------------ seeds
+
+SEED_ALPHAS = (0.5, 1.0, 2.0)
+SEEDS = (0, 1, 2, 3, 4)
+SEED_COLUMNS = ("alpha", "seed", "kl_to_target", "data_floor", "entropy", "target_entropy", "sft_kl",
+                "seconds")
+SUMMARY_COLUMNS = ("alpha", "seeds", "median_kl_to_target", "worst_kl_to_target", "worst_seed")
+
+
+def seeds(base: SeqConfig, out: Path | None, echo: bool = True) -> list[dict]:
+    """SPO's convergence across seeds: every seed draws its own world, reference and data."""
+    changes = [{"loss": "spo", "alpha": a, "beta": 0.0, "seed": s}
+               for a in SEED_ALPHAS for s in SEEDS]
+    rows = [public(r) for r in _runs(base, changes, echo)]
+    summary = seed_summary(rows)
+    text = (markdown_table(summary, SUMMARY_COLUMNS) + "\n\nEvery run:\n\n"
+            + markdown_table(rows, SEED_COLUMNS))
+    _write(out, "seeds", "Sequence lab: SPO across seeds", setup_line(base, rows[0]["responses"])
+           .replace(f"seed {base.seed}", f"seeds {SEEDS[0]}-{SEEDS[-1]}"), text, [])
+    if echo:
+        print(text)
+    return rows
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per alpha: the median and the worst KL to softmax(r/alpha) over the seeds."""
+    out = []
+    for alpha in dict.fromkeys(r["alpha"] for r in rows):
+        runs = sorted((r for r in rows if r["alpha"] == alpha), key=lambda r: r["kl_to_target"])
+        kls = [r["kl_to_target"] for r in runs]
+        median = kls[len(kls) // 2] if len(kls) % 2 else (kls[len(kls) // 2 - 1] + kls[len(kls) // 2]) / 2
+        out.append({"alpha": alpha, "seeds": len(runs), "median_kl_to_target": median,
+                    "worst_kl_to_target": kls[-1], "worst_seed": runs[-1]["seed"]})
+    return out
 
 
 # ----------------------------------------------------------------------------------------- growth
@@ -155,7 +194,8 @@ def _experiment(base: SeqConfig, changes: list[dict], out: Path | None, echo: bo
     return rows
 
 
-EXPERIMENTS = {"table": table, "growth": growth, "growth-large": growth_large, "drift": drift}
+EXPERIMENTS = {"table": table, "seeds": seeds, "growth": growth, "growth-large": growth_large,
+               "drift": drift}
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -1,0 +1,505 @@
+"""Regenerate every number that README.md and docs/ publish.
+
+    make results                            # every target that this machine can run (hours)
+    python scripts/results.py lab-seeds     # one target
+    python scripts/results.py --list        # the targets, what they run, roughly how long
+    python scripts/results.py --render      # re-render the documents from docs/results/*.json
+    python scripts/results.py --check       # exit 1 where a document differs from its rendering
+    python scripts/results.py --compare lab-seeds   # rerun a target, compare with the committed one
+
+A target runs its commands (the exact command lines are kept with the results), stores what they
+measured in `docs/results/<target>.json` together with the commit, the date, the machine and the
+precision, and the tables of README.md and docs/*.md are rendered from those files into blocks
+
+    <!-- results:NAME -->
+    ...generated...
+    <!-- /results:NAME -->
+
+so that a published number is always one of a stored run's. `--compare` reruns a target into a
+scratch folder and checks the fresh numbers against the committed ones within the target's stated
+tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)",
+                   re.S)
+
+sys.path.insert(0, str(ROOT))
+
+
+# ------------------------------------------------------------------------------------ the machine
+
+def machine() -> dict:
+    """What a reader needs to judge whether their run should match: processor, threads, versions."""
+    import torch
+
+    from softpo.hardware import bf16_is_fast, cpu_flags
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                  .splitlines() if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").is_file() else platform.processor()
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "fast_bf16": bf16_is_fast("cpu"),
+            "bf16_flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"}),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else "unknown"
+
+
+def softpo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "softpo.cli", *args]
+
+
+def run_json(argv: list[str]) -> dict:
+    """Run a command whose stdout is one JSON object; its stderr passes through."""
+    shown = " ".join(["softpo", *argv[3:]] if argv[1:3] == ["-m", "softpo.cli"] else argv)
+    print(f"results: {shown}", file=sys.stderr, flush=True)
+    out = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+                         env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def shown(argv: list[str]) -> str:
+    if argv[1:3] == ["-m", "softpo.cli"]:
+        return " ".join(["softpo", *argv[3:]])
+    if argv[1:2] == ["-m"]:
+        return " ".join(["python", *argv[1:]])
+    return " ".join(argv)
+
+
+# ------------------------------------------------------------------------------------ targets
+
+@dataclass
+class Target:
+    """A family of published numbers: how to measure them and how to show them."""
+
+    name: str
+    about: str
+    minutes: int  # on the 2-core development machine
+    measure: Callable[[Path], dict]  # (output folder for files) -> JSON-able results
+    blocks: dict[str, Callable[[dict], str]] = field(default_factory=dict)
+    compare: Callable[[dict, dict], list[str]] | None = None  # (committed, fresh) -> problems
+    needs_gpu: bool = False
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def target(name: str, about: str, minutes: int, **kw):
+    def wrap(measure):
+        TARGETS[name] = Target(name, about, minutes, measure, **kw)
+        return measure
+    return wrap
+
+
+def block(target_name: str, name: str):
+    def wrap(render):
+        TARGETS[target_name].blocks[name] = render
+        return render
+    return wrap
+
+
+# Tolerances within which a run of the same command on another machine should match (text in
+# the documents comes from here). See docs/lab.md, "Reproducing these numbers".
+TOLERANCES = {
+    "lab": "The labs run on one thread and are bitwise reproducible on one machine. Another "
+           "processor's kernels round differently; a run that differed only in float rounding "
+           "(length groups off) moved every KL by at most {lab_abs} nats or {lab_rel:.0%} of its "
+           "value, so a run elsewhere should match within max({lab_abs} nats, {lab_rel:.0%}).",
+}
+LAB_ABS, LAB_REL = 5e-4, 0.25  # see `compare_lab` and docs/lab.md
+
+
+def _close(a: float | None, b: float | None, abs_tol: float, rel_tol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= max(abs_tol, rel_tol * max(abs(a), abs(b)))
+
+
+def compare_runs(keys: tuple[str, ...], abs_tol: float, rel_tol: float):
+    def compare(old: dict, new: dict) -> list[str]:
+        problems = []
+        for i, (a, b) in enumerate(zip(old["runs"], new["runs"])):
+            for k in keys:
+                if k in a and not _close(a[k], b.get(k), abs_tol, rel_tol):
+                    problems.append(f"run {i} ({a.get('loss')}, alpha {a.get('alpha')}, beta "
+                                    f"{a.get('beta')}, seed {a.get('seed')}): {k} {a[k]} -> {b.get(k)}")
+        if len(old["runs"]) != len(new["runs"]):
+            problems.append(f"{len(old['runs'])} runs committed, {len(new['runs'])} fresh")
+        return problems
+    return compare
+
+
+compare_lab = compare_runs(("kl_to_target", "kl_to_own_optimum", "entropy", "drift_mass"),
+                           LAB_ABS, LAB_REL)
+
+
+def table(rows: list[dict], columns: tuple[str, ...], names: dict[str, str] | None = None) -> str:
+    from softpo.lab.plots import _cell
+
+    names = names or {}
+    head = "| " + " | ".join(names.get(c, c) for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    return "\n".join([head, rule] + ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |"
+                                     for r in rows])
+
+
+def provenance(res: dict) -> str:
+    m = res["machine"]
+    return (f"Measured at commit `{res['commit']}` on {res['date']}: {m['cpu']}, {m['cores']} "
+            f"cores, PyTorch {m['torch']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "") + ".")
+
+
+def commands(res: dict) -> str:
+    return "```bash\n" + "\n".join(res["commands"]) + "\n```"
+
+
+# ------------------------------------------------------------------------ the tabular lab
+
+TABULAR_SEEDS = (0, 1, 2, 3, 4)
+
+
+@target("lab-tabular", "softpo lab tabular --table, seeds 0-4", 15)
+def measure_tabular(out: Path) -> dict:
+    runs, cmds = [], []
+    for seed in TABULAR_SEEDS:
+        argv = softpo("lab", "tabular", "--table", "--json", "--no-plots", "--seed", str(seed))
+        cmds.append(shown(argv))
+        runs += run_json(argv)["runs"]
+    return {"commands": cmds, "runs": runs}
+
+
+TARGETS["lab-tabular"].compare = compare_runs(("kl_to_target", "entropy"), 1e-4, 0.25)
+
+
+@block("lab-tabular", "lab-tabular")
+def render_tabular(res: dict) -> str:
+    seed0 = [r for r in res["runs"] if r["seed"] == 0]
+    rows = []
+    for r in seed0:
+        knob = f"alpha {r['alpha']:g}" if r["loss"].startswith("spo") else f"beta {r['beta']:g}"
+        rows.append({"loss": r["loss"], "knob": knob, "kl": r["kl_to_target"],
+                     "floor": r["expected_sampling_kl"],
+                     "entropy": f"{r['entropy']:.3f} / {r['target_entropy']:.3f}"})
+    worst = max(res["runs"], key=lambda r: r["kl_to_target"])
+    return "\n".join([
+        table(rows, ("loss", "knob", "kl", "floor", "entropy"),
+              {"knob": "alpha / beta", "kl": "KL to target (nats)", "floor": "sampling floor",
+               "entropy": "entropy / target entropy"}), "",
+        f"Seed 0 above. Over seeds {TABULAR_SEEDS[0]}-{TABULAR_SEEDS[-1]} ({len(res['runs'])} runs) "
+        f"the worst KL to the target was {worst['kl_to_target']:.2g} nats ({worst['loss']}, alpha "
+        f"{worst['alpha']:g}, seed {worst['seed']}). {provenance(res)}", "", commands(res)])
+
+
+# ------------------------------------------------------------------------ the sequence lab
+
+def _lab_target(report: str, minutes: int, about: str):
+    def measure(out: Path) -> dict:
+        argv = softpo("lab", "sequence", "--report", report, "--out", str(out / "lab"), "--json")
+        return {"commands": [shown(argv).replace(str(out / "lab"), "docs/lab")],
+                "runs": run_json(argv)["runs"], "files": "lab"}
+    TARGETS[f"lab-{report}"] = Target(f"lab-{report}", about, minutes, measure, compare=compare_lab)
+
+
+_lab_target("table", 25, "softpo lab sequence --report table (12 runs)")
+_lab_target("seeds", 30, "softpo lab sequence --report seeds (SPO, alpha 0.5/1/2 x seeds 0-4)")
+_lab_target("growth", 30, "softpo lab sequence --report growth (15 runs)")
+_lab_target("growth-large", 45, "softpo lab sequence --report growth-large (15 runs, |Y| = 341)")
+_lab_target("drift", 30, "softpo lab sequence --report drift (12 runs, |Y| = 40)")
+
+LAB_TABLE = ("loss", "data", "alpha", "beta", "kl_to_target", "data_floor", "entropy",
+             "target_entropy", "kl_to_own_optimum", "own_optimum", "own_optimum_entropy")
+
+
+@block("lab-table", "lab-table")
+def render_lab_table(res: dict) -> str:
+    return "\n".join([table(res["runs"], LAB_TABLE), "", provenance(res), "", commands(res)])
+
+
+@block("lab-table", "lab-table-short")
+def render_lab_table_short(res: dict) -> str:
+    rows = []
+    for r in res["runs"]:
+        if r["loss"] not in ("spo", "dpo") or (r["loss"] == "spo" and r["beta"]):
+            continue
+        knob = f"alpha {r['alpha']:g}" if r["loss"] == "spo" else f"beta {r['beta']:g}"
+        rows.append({"loss": r["loss"], "knob": knob, "kl": r["kl_to_target"],
+                     "own": r["kl_to_own_optimum"],
+                     "entropy": f"{r['entropy']:.3f} / {r['target_entropy']:.3f}"})
+    return table(rows, ("loss", "knob", "kl", "own", "entropy"),
+                 {"knob": "alpha / beta", "kl": "exact KL to softmax(r/alpha)",
+                  "own": "KL to its own optimum", "entropy": "entropy / target entropy"})
+
+
+@block("lab-seeds", "lab-seeds")
+def render_lab_seeds(res: dict) -> str:
+    from softpo.lab.seqreport import SEED_COLUMNS, SUMMARY_COLUMNS, seed_summary
+
+    return "\n".join([table(seed_summary(res["runs"]), SUMMARY_COLUMNS), "", "Every run:", "",
+                      table(res["runs"], SEED_COLUMNS[:-1]), "", provenance(res), "",
+                      commands(res)])
+
+
+@block("lab-seeds", "lab-seeds-short")
+def render_lab_seeds_short(res: dict) -> str:
+    from softpo.lab.seqreport import seed_summary
+
+    rows = seed_summary(res["runs"])
+    return table(rows, ("alpha", "seeds", "median_kl_to_target", "worst_kl_to_target"),
+                 {"median_kl_to_target": "median KL to softmax(r/alpha)",
+                  "worst_kl_to_target": "worst"})
+
+
+def _lab_block(report: str, columns: tuple[str, ...]):
+    @block(f"lab-{report}", f"lab-{report}")
+    def render(res: dict) -> str:
+        return "\n".join([table(res["runs"], columns), "", provenance(res), "", commands(res)])
+    return render
+
+
+_lab_block("growth", ("loss", "beta", "pairs", "entropy", "own_optimum_entropy",
+                      "kl_to_own_optimum", "data_floor", "kl_to_target", "kl_to_ref"))
+_lab_block("growth-large", ("loss", "beta", "pairs", "unseen_responses", "entropy",
+                            "own_optimum_entropy", "kl_to_own_optimum", "kl_to_target",
+                            "kl_to_ref"))
+_lab_block("drift", ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_ref", "unseen_mass",
+                     "drift_mass", "unseen_kl", "kl_to_ref", "entropy"))
+
+
+@block("lab-table", "lab-tolerance")
+def render_tolerance(res: dict) -> str:
+    return TOLERANCES["lab"].format(lab_abs=LAB_ABS, lab_rel=LAB_REL)
+
+
+# ------------------------------------------------------------------------ training the tiny model
+
+@target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3)
+def measure_train_tiny(out: Path) -> dict:
+    run_dir = out / "train_tiny"
+    argv = softpo("train", "configs/tiny.yaml", f"train.output_dir={run_dir}", "train.progress=false")
+    print(f"results: {shown(argv)}", file=sys.stderr, flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    from softpo.tracking import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    final = {k: v for r in rows for k, v in r.items()}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    keys = ("step", "loss", "pref_loss", "kl", "rewards/accuracies", "eval_rewards/accuracies",
+            "eval_pref_loss")
+    return {"commands": [shown(argv).replace(str(run_dir), "runs/tiny")],
+            "final": {k: final[k] for k in keys if k in final}}
+
+
+TARGETS["train-tiny"].compare = lambda old, new: [] if _close(
+    old["final"].get("eval_rewards/accuracies"), new["final"].get("eval_rewards/accuracies"), 0.1,
+    0.0) else [f"eval accuracy {old['final'].get('eval_rewards/accuracies')} -> "
+               f"{new['final'].get('eval_rewards/accuracies')}"]
+
+
+@block("train-tiny", "train-tiny")
+def render_train_tiny(res: dict) -> str:
+    f = res["final"]
+    return (f"`softpo train configs/tiny.yaml` (a 2-layer byte-level Llama built locally, SPO with "
+            f"the global KL regulariser, {f['step']} steps of 16 pairs) ended at held-out "
+            f"preference accuracy {f['eval_rewards/accuracies']:.2f} (held-out preference loss "
+            f"{f['eval_pref_loss']:.3f}, global KL {f['kl']:.3f} nats). {provenance(res)}")
+
+
+# ------------------------------------------------------------------------ the main job
+
+DEMO_SEEDS = (0, 1, 2)
+
+
+@target("demo", "softpo demo (what make demo runs), seeds 0, 1, 2", 40)
+def measure_demo(out: Path) -> dict:
+    import time
+
+    seeds, cmds = {}, []
+    for seed in DEMO_SEEDS:
+        folder = out / "demo_runs" / f"seed{seed}"
+        argv = softpo("demo", "--seed", str(seed), "--out", str(folder), "--no-progress")
+        cmds.append(shown(argv).replace(str(folder), f"runs/demo_{seed}"))
+        print(f"results: {cmds[-1]}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        seeds[str(seed)] = {"seconds": round(time.perf_counter() - t0, 1),
+                            "results": json.loads((folder / "results.json").read_text())}
+        if seed == 0 and out == ROOT / "docs":  # the committed report: seed 0's
+            target_dir = ROOT / "docs" / "demo"
+            target_dir.mkdir(exist_ok=True)
+            for f in folder.iterdir():
+                if f.suffix in (".md", ".png"):
+                    shutil.copy(f, target_dir / f.name)
+    shutil.rmtree(out / "demo_runs", ignore_errors=True)
+    return {"commands": cmds, "seeds": seeds}
+
+
+# ------------------------------------------------------------------------ speed against TRL
+
+BENCH = {
+    "cpu-gpt2-86m": ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--steps",
+                     "1", "--warmup", "1", "--variants",
+                     "trl-dpo,trl-cpo,spo,spo-shared-prompt,spo-padding-free,dpo,dpo-cached,"
+                     "spo-reg,spo-reg-every4"],
+    "cpu-smollm2": ["--cases", "smollm2,smollm2-lora", "--precision", "fp32", "--repeats", "1",
+                    "--steps", "1", "--warmup", "1", "--variants",
+                    "trl-dpo,trl-cpo,spo,spo-shared-prompt,dpo-cached"],
+}
+
+
+def bench_tables(folder: Path) -> dict:
+    """{case: {variant: aggregate}} and the peaks, from a bench results folder."""
+    from bench.runner import aggregate, load as load_runs
+
+    peaks, runs = load_runs(folder)
+    tables: dict = {}
+    for (case, variant, precision), rs in runs.items():
+        tables.setdefault(case, {})[variant] = aggregate(rs, peaks.get(precision, float("nan")),
+                                                         peaks.get(f"{precision}_cpu", float("nan")))
+    return {"peaks": peaks, "tables": tables}
+
+
+@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80)
+def measure_bench_cpu(out: Path) -> dict:
+    cmds, found = [], {}
+    for name, args in BENCH.items():
+        folder = out / "bench" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        argv = [sys.executable, "-m", "bench", *args, "--out", str(folder)]
+        cmds.append(shown(argv).replace(str(folder), f"docs/bench/{name}"))
+        print(f"results: {cmds[-1]}", file=sys.stderr, flush=True)
+        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        found[name] = bench_tables(folder)
+    return {"commands": cmds, "bench": found}
+
+
+# ------------------------------------------------------------------------ running and rendering
+
+def measure(name: str, out: Path | None = None) -> dict:
+    t = TARGETS[name]
+    scratch = out or ROOT / "docs"
+    start = datetime.datetime.now(datetime.timezone.utc)
+    res = t.measure(scratch)
+    res.update(target=name, commit=commit(), date=start.strftime("%Y-%m-%d"), machine=machine(),
+               minutes=round((datetime.datetime.now(datetime.timezone.utc) - start)
+                             .total_seconds() / 60, 1))
+    return res
+
+
+def save(res: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{res['target']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a killed run leaves the committed file intact
+    return path
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def renderers() -> dict[str, tuple[str, Callable[[dict], str]]]:
+    return {b: (t.name, fn) for t in TARGETS.values() for b, fn in t.blocks.items()}
+
+
+def rendered(text: str, cache: dict) -> str:
+    known = renderers()
+
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in known:
+            raise SystemExit(f"results: unknown block '{name}'")
+        target_name, fn = known[name]
+        res = cache.setdefault(target_name, load(target_name))
+        if res is None:
+            return m.group(0)  # not measured yet: leave what is there
+        return m.group(1) + fn(res).rstrip() + "\n" + m.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def render(check: bool = False) -> list[Path]:
+    """Re-render every block; with `check`, write nothing and return the documents that differ."""
+    cache: dict = {}
+    stale = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        new = rendered(text, cache)
+        if new != text:
+            stale.append(path)
+            if not check:
+                path.write_text(new)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/results.py", description=__doc__.split("\n")[0])
+    p.add_argument("targets", nargs="*", help="targets to run (default: all that can run here)")
+    p.add_argument("--list", action="store_true", help="list the targets")
+    p.add_argument("--render", action="store_true", help="only re-render the documents")
+    p.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
+    p.add_argument("--compare", action="store_true",
+                   help="rerun the targets in a scratch folder and compare with docs/results")
+    a = p.parse_args(argv)
+    if a.list:
+        for t in TARGETS.values():
+            print(f"{t.name:<18} ~{t.minutes:>3} min  {t.about}")
+        return 0
+    if a.check or a.render:
+        stale = render(check=a.check)
+        for path in stale:
+            print(f"results: {path.relative_to(ROOT)} differs from its rendering", file=sys.stderr)
+        return 1 if (a.check and stale) else 0
+    import torch
+
+    names = a.targets or [n for n, t in TARGETS.items() if not t.needs_gpu or torch.cuda.is_available()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise SystemExit(f"results: unknown target(s) {', '.join(unknown)} (see --list)")
+    failed = 0
+    for name in names:
+        if a.compare:
+            old = load(name)
+            with tempfile.TemporaryDirectory(prefix="softpo-results-") as tmp:
+                new = measure(name, Path(tmp))
+            problems = TARGETS[name].compare(old, new) if old and TARGETS[name].compare else \
+                ["nothing committed to compare with"]
+            print(f"results: {name}: " + ("matches" if not problems else
+                                          f"{len(problems)} differences\n  " + "\n  ".join(problems)))
+            failed += bool(problems)
+            continue
+        print(f"results: {name} ({TARGETS[name].about}, ~{TARGETS[name].minutes} min)",
+              file=sys.stderr, flush=True)
+        print(f"results: wrote {save(measure(name)).relative_to(ROOT)}", file=sys.stderr)
+        render()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
