@@ -1,16 +1,36 @@
-"""Building a run's parts from its config: policy (optionally LoRA), reference, optimiser, schedule."""
+"""Assembling a run from its config: the data, the loss parameters, the policy (optionally LoRA),
+the reference, the packed layout, the reference log-prob cache, the optimiser and the schedule.
+
+Everything here runs once, before the first step; `softpo.trainer` then runs the steps.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from softpo.collate import TokenizedExample, collate, pad_token_id, stream_indices, tokenize_examples
 from softpo.config import Config
+from softpo.data import DataReport, load_preferences, prompts_from_examples, read_prompts
+from softpo.errors import UserError
 from softpo.logprobs import Reference
-from softpo.losses import LossSpec
+from softpo.losses import LossParams, LossSpec
+
+# the data kinds a loss can read: a ranked list or best-of-n row holds pairs, a ranking a winner
+COMPATIBLE = {"pairs": {"pairs"}, "best_of_n": {"pairs", "best_of_n", "ranked"},
+              "ranked": {"pairs", "ranked"}}
+
+
+def loss_params(cfg: Config) -> LossParams:
+    """The loss hyper-parameters of `cfg.loss`."""
+    c = cfg.loss
+    return LossParams(alpha=c.alpha, beta=c.beta, gamma=c.gamma, label_smoothing=c.label_smoothing,
+                      simpo_gamma=c.simpo_gamma, cpo_alpha=c.cpo_alpha, rdpo_alpha=c.rdpo_alpha)
 
 
 def needs_reference(cfg: Config, spec: LossSpec) -> bool:
@@ -19,13 +39,89 @@ def needs_reference(cfg: Config, spec: LossSpec) -> bool:
 
 
 def regularizer_active(cfg: Config, spec: LossSpec) -> bool:
+    """SPO's global KL regulariser is on: an SPO loss with `loss.beta > 0`."""
     return spec.is_spo and cfg.loss.beta > 0
 
 
-def build_policy(cfg: Config, tokenizer) -> nn.Module:
-    from softpo.models import load_model
+# ---------------------------------------------------------------- data
 
-    model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+@dataclass
+class RunData:
+    """What a run reads: tokenised train and held-out examples, the regulariser's prompts, and the
+    reports printed when training starts."""
+
+    train_set: list[TokenizedExample]
+    eval_set: list[TokenizedExample]
+    reg_prompts: list  # strings or conversations
+    reports: list[DataReport]
+
+
+def _check_kinds(spec: LossSpec, kinds: set[str], where: str) -> None:
+    if not kinds <= COMPATIBLE[spec.data_kind]:
+        raise UserError(f"loss '{spec.name}' needs {spec.data_kind} data, but {where} holds "
+                        f"{', '.join(sorted(kinds))} rows")
+
+
+def load_data(cfg: Config, tokenizer, spec: LossSpec, train: Any = None,
+              eval: Any = None) -> RunData:
+    """Read, validate and tokenise the training (and held-out) preferences.
+
+    `train` / `eval` override `cfg.data.train` / `cfg.data.eval`: a path or hub name, or in memory
+    a `datasets.Dataset` or a list of dicts. Without held-out data, `data.eval_fraction` of the
+    training rows (at least 10 of them) is split off by a seeded permutation."""
+    d = cfg.data
+    source, name = (d.train, None) if train is None else (train, _name(train, "train_dataset"))
+    if source is None or isinstance(source, str) and not source:
+        raise UserError("config key 'data.train': give a preference file or dataset")
+    rows, report = load_preferences(source, d, name=name)
+    reports, eval_report = [report], report  # held-out rows split off train are counted with it
+    eval_source = d.eval if eval is None else eval
+    if eval_source is not None and (not isinstance(eval_source, str) or eval_source):
+        evals, eval_report = load_preferences(eval_source, d, name=None if eval is None else
+                                              _name(eval, "eval_dataset"))
+        reports.append(eval_report)
+    elif d.eval_fraction > 0 and len(rows) >= 10:
+        order = stream_indices(len(rows), 0, len(rows), cfg.train.seed + 7)
+        cut = max(1, int(len(rows) * d.eval_fraction))
+        evals, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    else:
+        evals = []
+    _check_kinds(spec, {e.kind for e in rows}, report.source)
+    train_set = tokenize_examples(rows, tokenizer, d, report)
+    eval_set = tokenize_examples(evals, tokenizer, d, eval_report)
+    if not train_set:
+        raise UserError(f"{report.source}: no usable training rows")
+    prompts = read_prompts(d.regularizer_prompts) if d.regularizer_prompts else \
+        prompts_from_examples(rows)
+    return RunData(train_set, eval_set, prompts, reports)
+
+
+def _name(source: Any, what: str) -> str:
+    """How messages name a source given in Python: its path, or what it was passed as."""
+    return str(source) if isinstance(source, str) else what
+
+
+def examples_data(examples: list[TokenizedExample], spec: LossSpec) -> RunData:
+    """Tokenised examples given in memory (the sequence lab): no held-out set; the regulariser's
+    prompts are their distinct prompt texts."""
+    kinds = {e.kind for e in examples}
+    if not examples or not kinds <= COMPATIBLE[spec.data_kind]:
+        raise UserError(f"loss '{spec.name}' needs {spec.data_kind} data, "
+                        f"got {', '.join(sorted(kinds)) or 'no rows'}")
+    return RunData(list(examples), [], list(dict.fromkeys(e.prompt_text for e in examples)), [])
+
+
+# ---------------------------------------------------------------- models
+
+def build_policy(cfg: Config, tokenizer, model: nn.Module | None = None) -> nn.Module:
+    """The policy: `model` when given (a user's own), else loaded from `cfg.model`; then the
+    config's gradient checkpointing and LoRA adapter."""
+    from softpo.models import check_vocabulary, load_model
+
+    if model is None:
+        model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    else:
+        check_vocabulary(model, tokenizer, "given as policy")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -35,6 +131,7 @@ def build_policy(cfg: Config, tokenizer) -> nn.Module:
 
 
 def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
+    """The model with a fresh LoRA adapter (PEFT) as `cfg.lora` describes."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -61,6 +158,31 @@ def build_reference(cfg: Config, policy: nn.Module, tokenizer, device, chunk: in
     return Reference(ref, adapter_toggle=False, chunk_size=chunk, autocast=autocast)
 
 
+def packing_style(cfg: Config, policy: nn.Module) -> str | None:
+    """None for padded rows; the 4-D mask style for the packed layouts (softpo/packing.py)."""
+    if cfg.model.packing == "none":
+        return None
+    from softpo.packing import packable_style
+
+    try:
+        return packable_style(policy)
+    except ValueError as e:
+        raise UserError(f"config key 'model.packing': {e}") from None
+
+
+def reference_cache(cfg: Config, reference: Reference, examples: list[TokenizedExample],
+                    tokenizer, accelerator):
+    """The reference log-probs of every row of `examples`, cached (softpo/refcache.py)."""
+    from softpo import refcache
+
+    bs, pad = cfg.train.eval_batch_size, pad_token_id(tokenizer)
+    batches = [collate(examples[i:i + bs], pad).to(accelerator.device)
+               for i in range(0, len(examples), bs)]
+    return refcache.load_or_build(reference, batches, cfg, accelerator)
+
+
+# ---------------------------------------------------------------- optimiser
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norms."""
     decay, no_decay = [], []
@@ -84,19 +206,3 @@ def learning_rate(cfg: Config, step: int) -> float:
     if cfg.optim.scheduler == "linear":
         return peak * (1 - progress)
     return peak
-
-
-def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
-    """Positions [start, start+count) of an endless stream of seeded epoch permutations of range(n).
-
-    Batches are a pure function of the step, so a resumed run reads exactly what the uninterrupted
-    run read, and N processes together read what one process reads with the same global batch.
-    """
-    out, cache = [], {}
-    for i in range(start, start + count):
-        epoch, pos = divmod(i, n)
-        if epoch not in cache:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            cache[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(cache[epoch][pos])
-    return out

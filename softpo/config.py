@@ -100,7 +100,6 @@ class DataConfig:
                              "`never`: render conversations as plain text.")
     regularizer_prompts: str | None = doc(None, "Prompt file (JSONL with `prompt`, or .txt one per "
                                           "line) for the global KL; default: the training prompts.")
-    num_workers: int = doc(0, "DataLoader workers.")
 
 
 @dataclass
@@ -108,7 +107,12 @@ class LossConfig:
     """The loss from the registry and its hyper-parameters (`softpo losses` lists the losses)."""
 
     name: str = doc("spo", "Loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, rdpo, "
-                    "cdpo, robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them).")
+                    "cdpo, robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them), or "
+                    "one that `loss.module` registers.")
+    module: str | None = doc(None, "Python module imported before `loss.name` is looked up, e.g. "
+                             "`mypkg.losses`: it adds losses with `softpo.losses.register` "
+                             "(see docs/python.md). Installed modules first, then the working "
+                             "directory.")
     alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). Must be > 0.")
     beta: float = doc(0.1, "SPO: weight of the global KL regulariser (0 turns it off). DPO family: "
                       "the inverse temperature beta. ORPO: lambda.")
@@ -190,10 +194,17 @@ class Config:
 
 # ---------------------------------------------------------------- building from YAML and overrides
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file's values, then `a.b=value` overrides; validated."""
+def load_config(path: str | Path | Config | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Defaults, then `path`'s values, then `a.b=value` overrides; validated.
+
+    `path` is a YAML file, or a `Config` built in Python: that is copied and checked key by key
+    exactly as a file's values are (types, then ranges), so both fail with the same one-line
+    `UserError` naming the key. The given `Config` is never modified."""
     cfg, origins = Config(), {}  # dotted key -> where its value came from, for error messages
-    if path is not None:
+    if isinstance(path, Config):
+        merge(cfg, _plain(path), source=None)
+    elif path is not None:
         values = read_yaml(Path(path))
         merge(cfg, values, source=str(path))
         origins.update(dict.fromkeys(_dotted_keys(values), str(path)))
@@ -206,6 +217,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         origins[key.strip()] = "command line"
     validate(cfg, origins)
     return cfg
+
+
+def _plain(value: Any) -> Any:
+    """A Python config's values as YAML would give them: sections as dicts of every attribute set
+    (a misspelt one too, so that it is reported), tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _dotted_keys(values: dict, prefix: str = "") -> list[str]:
@@ -247,7 +270,7 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
+def merge(obj: Any, values: dict, source: str | None, prefix: str = "") -> None:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, str(key), None)):
@@ -256,7 +279,7 @@ def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             set_dotted(obj, str(key), value, source=source, prefix=prefix)
 
 
-def set_dotted(obj: Any, key: str, value: Any, source: str, prefix: str = "") -> None:
+def set_dotted(obj: Any, key: str, value: Any, source: str | None, prefix: str = "") -> None:
     *parents, leaf = key.split(".")
     for part in parents:
         fields = _field_types(type(obj))
@@ -277,7 +300,7 @@ def set_dotted(obj: Any, key: str, value: Any, source: str, prefix: str = "") ->
     setattr(obj, leaf, coerce(value, types_[leaf], f"{prefix}{leaf}", source))
 
 
-def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+def coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     """Check a value against a field's annotation; ints are accepted for floats, which must be
     finite; list items are checked against the list's item type."""
     options = typing.get_args(tp) if _is_union(tp) else (tp,)
@@ -392,19 +415,39 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(set(cfg.train.report_to) <= {"tensorboard", "jsonl"}, "train.report_to",
          f"known sinks are tensorboard and jsonl, got {cfg.train.report_to}")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     if cfg.model.name_or_path == "tiny":  # learned positions (gpt2) cannot go past n_positions
         d = cfg.data
         longest = max(d.max_length, d.max_prompt_length + cfg.regularizer.max_new_tokens)
         need(longest <= cfg.model.tiny.n_positions, "model.tiny.n_positions",
              f"{cfg.model.tiny.n_positions} is shorter than the longest sequence ({longest}: "
              "data.max_length, or data.max_prompt_length + regularizer.max_new_tokens)")
-    from softpo.losses import LOSSES  # late import: losses is pure maths and does not import config
+    if cfg.loss.module:
+        problem = import_problem(cfg.loss.module)
+        need(problem is None, "loss.module", problem or "")
+    from softpo.losses import LOSSES  # late import: `import softpo.config` stays free of torch
 
     need(cfg.loss.name in LOSSES, "loss.name",
          f"unknown loss '{cfg.loss.name}' (known: {', '.join(sorted(LOSSES))})")
     need(LOSSES[cfg.loss.name].is_spo or cfg.loss.beta > 0, "loss.beta",
          f"must be > 0 for {cfg.loss.name} (it is the inverse temperature)")
+
+
+def import_problem(module: str) -> str | None:
+    """Import `module` (a user's loss module); None when it worked, else what went wrong. Installed
+    modules come first: the working directory is searched last, so a file there never replaces
+    a module softpo imports."""
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        return f"cannot import '{module}': module '{e.name or module}' not found"
+    except Exception as e:  # the module itself raised while importing
+        return f"importing '{module}' failed: {type(e).__name__}: {e}"
+    return None
 
 
 # ---------------------------------------------------------------- writing and documenting

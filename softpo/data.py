@@ -1,7 +1,8 @@
 """Preference data: telling each row's kind and validating it with row-numbered errors.
 
-Rows come from `softpo.readers` (JSONL/JSON/CSV/Parquet files, folders, hub datasets; its names
-import from here too); `load_preferences(source, cfg)` reads and validates a whole source.
+Rows come from `softpo.readers` (JSONL/JSON/CSV/Parquet files, folders, hub datasets, or in
+memory: a `datasets.Dataset` or a list of dicts); `load_preferences(source, cfg)` reads and
+validates a whole source.
 
 Row kinds (told per file from its fields; every row of a file must be of the same kind)
 -----------------------------------------------------------------------------------
@@ -21,7 +22,7 @@ most preferred; best-of-n: the winner, then the others in file order), the conve
 `on_bad_rows="skip"`, is counted in the `DataReport`. Problems with a whole file (missing, empty,
 unreadable, a CSV header without a needed column) are always errors.
 
-Tokenisation, collation and data loaders live in `softpo.collate` (its names import from here too).
+Tokenisation and collation are the next step, `softpo.collate`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import json
 import math
 import os
 import statistics
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +39,7 @@ from typing import Any, Iterator, NoReturn
 
 from softpo.config import DataConfig
 from softpo.errors import UserError
-from softpo.readers import (KNOWN_FIELDS, BadRowError, _decode, _type_name,
-                            open_source)
-from softpo.readers import (READERS, RowSource, read_csv, read_json,  # noqa: F401 (re-exported)
-                            read_jsonl, read_parquet)
+from softpo.readers import KNOWN_FIELDS, BadRowError, _decode, _type_name, open_source
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 5  # bad-row messages kept in a report
@@ -355,10 +352,10 @@ def to_example(record: dict, source: str, row: int | None, kind: str | None = No
 
 # ---------------------------------------------------------------- loading
 
-def iter_preferences(source: str, split: str, report: DataReport,
+def iter_preferences(source: Any, split: str, report: DataReport,
                      skip: bool = False) -> Iterator[PreferenceExample]:
     """Stream validated examples; bad rows raise, or with `skip` are counted in `report`."""
-    for part in open_source(source, split):
+    for part in open_source(source, split, report.source):
         kind, seen = None, 0
         if part.columns is not None:
             try:
@@ -384,17 +381,20 @@ def iter_preferences(source: str, split: str, report: DataReport,
             raise UserError("no rows: the file is empty", source=part.name)
 
 
-def load_preferences(source: str, cfg: DataConfig, *,
-                     split: str | None = None) -> tuple[list[PreferenceExample], DataReport]:
-    """Read, validate and normalise every row of `source` (the trainer's entry point)."""
-    if not source:
+def load_preferences(source: Any, cfg: DataConfig, *, split: str | None = None,
+                     name: str | None = None) -> tuple[list[PreferenceExample], DataReport]:
+    """Read, validate and normalise every row of `source` (the trainer's entry point): a path or
+    hub name, or in memory a `datasets.Dataset` or a list of dicts (`name` names it in messages)."""
+    if source is None or isinstance(source, (str, Path)) and not str(source):
         raise UserError("no data source given (set data.train)")
-    report = DataReport(source=source)
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else "rows"
+    report = DataReport(source=name)
     examples = list(iter_preferences(source, split or cfg.split, report,
                                      skip=cfg.on_bad_rows == "skip"))
     if not examples:
         first = f"; first: {report.messages[0]}" if report.messages else ""
-        raise UserError(f"no usable rows ({report.num_bad} bad rows skipped{first})", source=source)
+        raise UserError(f"no usable rows ({report.num_bad} bad rows skipped{first})", source=name)
     return examples, report
 
 
@@ -430,65 +430,3 @@ def prompts_from_examples(examples: list[PreferenceExample]) -> list[Text]:
     for ex in examples:
         seen.setdefault(json.dumps(ex.prompt, sort_keys=True), ex.prompt)
     return list(seen.values())
-
-
-# ---------------------------------------------------------------- `softpo data check`
-
-def check_arguments(parser: Any) -> None:
-    d = DataConfig()
-    parser.add_argument("files", nargs="+", metavar="FILE", help="preference files, folders or "
-                        "hub names")
-    parser.add_argument("--tokenizer", help="tokenizer name or path (`tiny`: the built-in byte "
-                        "tokenizer) for token-length statistics and truncation counts")
-    parser.add_argument("--max-length", type=int, default=d.max_length)
-    parser.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
-    parser.add_argument("--chat-template", choices=("auto", "never"), default=d.chat_template)
-    parser.add_argument("--split", default=d.split, help="split of HF datasets")
-    parser.add_argument("--skip-bad-rows", action="store_true", help="count bad rows instead of "
-                        "stopping at the first")
-
-
-def check_command(args: Any) -> int:
-    cfg = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                     on_bad_rows="skip" if args.skip_bad_rows else "error",
-                     chat_template=args.chat_template, split=args.split)
-    if not 0 < cfg.max_prompt_length < cfg.max_length:
-        raise UserError("--max-prompt-length must be > 0 and < --max-length")
-    tokenizer = load_tokenizer_for_check(args.tokenizer) if args.tokenizer else None
-    failed = False
-    for source in args.files:
-        try:
-            examples, report = load_preferences(source, cfg)
-            if tokenizer is not None:
-                from softpo.collate import tokenize_examples
-
-                tokenize_examples(examples, tokenizer, cfg, report)
-            print(report.summary())
-        except UserError as e:
-            print(f"softpo: error: {e}", file=sys.stderr)
-            failed = True
-    return 2 if failed else 0
-
-
-def load_tokenizer_for_check(name: str) -> Any:
-    """`tiny`: softpo's byte-level tokenizer; `default`, a local folder or a (cached) hub name."""
-    try:
-        from softpo.config import ModelConfig
-        from softpo.models import load_tokenizer
-    except ImportError as e:
-        raise UserError(f"cannot load tokenizer '{name}': {e}") from None
-    return load_tokenizer(ModelConfig(name_or_path=name))
-
-
-_COLLATE_NAMES = ("TokenizedExample", "PreferenceBatch", "PreferenceDataset", "Collator",
-                  "tokenize_example", "tokenize_examples", "encode_prompt", "collate", "left_pad",
-                  "batch_order", "make_dataloader", "pad_token_id", "render", "render_prompt",
-                  "encode_rendered_prompt", "prompt_batch")
-
-
-def __getattr__(name: str) -> Any:  # `from softpo.data import collate` etc. without an import cycle
-    if name in _COLLATE_NAMES:
-        from softpo import collate
-
-        return getattr(collate, name)
-    raise AttributeError(f"module 'softpo.data' has no attribute '{name}'")

@@ -27,6 +27,8 @@ from softpo.report import markdown_table
 
 @dataclass
 class DemoSettings:
+    """Everything `softpo demo` varies (its command-line flags)."""
+
     out: str = "runs/demo"
     model: str = "default"  # `tiny` for a fast smoke run
     task: str = "arithmetic-compare"  # SmolLM2 answers ~44% exactly right at temperature 1
@@ -47,6 +49,8 @@ class DemoSettings:
 
 @dataclass
 class MethodResult:
+    """One model's held-out measurements, its run folder and its time."""
+
     name: str
     metrics: dict[str, float]
     run_dir: str | None = None
@@ -54,11 +58,13 @@ class MethodResult:
 
 
 def precision_bf16() -> bool:
+    """Whether the demo runs its forwards under bf16 autocast (where bf16 is fast)."""
     return bf16_is_fast(default_device())
 
 
 def run_config(s: DemoSettings, model_path: str, prefs: Path, name: str, loss: str,
                alpha: float, beta: float) -> Config:
+    """The training config of one method."""
     cfg = Config()
     cfg.model.name_or_path = model_path
     # bf16 autocast where the hardware has bf16 matrix units (~2.5x fp32 on an AMX CPU); on CPUs
@@ -80,7 +86,8 @@ def run_config(s: DemoSettings, model_path: str, prefs: Path, name: str, loss: s
     return cfg
 
 
-def build_data(s: DemoSettings, model, tokenizer, task) -> Path:
+def build_data(s: DemoSettings, model, tokenizer, task, data_cfg) -> Path:
+    """Sample and label the training preferences (prompts encoded as training will encode them)."""
     from softpo.prefs import build_preferences, write_jsonl
     from softpo.tasks.experts import callable_scorer
 
@@ -88,7 +95,8 @@ def build_data(s: DemoSettings, model, tokenizer, task) -> Path:
     scorer = callable_scorer(task.reward, task.reward_spec)
     rows, stats = build_preferences(model, tokenizer, prompts, scorer, n=s.responses,
                                     max_new_tokens=s.max_new_tokens, seed=s.seed, fmt="pairs",
-                                    pairing="best-worst", progress=s.progress)
+                                    pairing="best-worst", progress=s.progress,
+                                    data_cfg=data_cfg)
     if not rows:
         from softpo.errors import UserError
 
@@ -103,6 +111,7 @@ def build_data(s: DemoSettings, model, tokenizer, task) -> Path:
 
 
 def evaluate(s: DemoSettings, name: str, model, tokenizer, task, reference, data_cfg) -> dict:
+    """Sample the held-out prompts and measure; the samples go to `samples_<name>.jsonl`."""
     from tqdm.auto import tqdm
 
     from softpo.evaluation import evaluate_samples
@@ -124,13 +133,14 @@ def evaluate(s: DemoSettings, name: str, model, tokenizer, task, reference, data
 
 
 def train_and_evaluate(s: DemoSettings, cfg: Config, name: str, tokenizer, task) -> MethodResult:
+    """Train one method, then measure it against its own reference (the adapter disabled)."""
     from softpo.logprobs import Reference
     from softpo.trainer import Trainer
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     train_metrics = trainer.train()
-    policy = trainer.acc.unwrap_model(trainer.scorer).model.eval()
+    policy = trainer.model.eval()
     reference = Reference(policy, adapter_toggle=True)
     metrics = evaluate(s, name, policy, tokenizer, task, reference, cfg.data)
     metrics["train_pref_loss"] = train_metrics.get("pref_loss", float("nan"))
@@ -138,6 +148,7 @@ def train_and_evaluate(s: DemoSettings, cfg: Config, name: str, tokenizer, task)
 
 
 def run(s: DemoSettings) -> list[MethodResult]:
+    """The whole demo (module docstring); the results, also written to `<out>/report.md`."""
     from softpo.config import ModelConfig
     from softpo.models import fetch_default, load_model, load_tokenizer
     from softpo.tasks import get_task
@@ -151,8 +162,8 @@ def run(s: DemoSettings) -> list[MethodResult]:
     base = load_model(mcfg, tokenizer, seed=s.seed).eval().to(default_device())
     task = get_task(s.task)
     t0 = time.perf_counter()
-    prefs = build_data(s, base, tokenizer, task)
-    data_cfg = run_config(s, model_path, prefs, "x", "spo", 1.0, 0.0).data
+    data_cfg = run_config(s, model_path, out / "prefs_train.jsonl", "x", "spo", 1.0, 0.0).data
+    prefs = build_data(s, base, tokenizer, task, data_cfg)
     results = [MethodResult("reference", evaluate(s, "reference", base, tokenizer, task, None,
                                                   data_cfg), seconds=time.perf_counter() - t0)]
     del base
@@ -173,6 +184,7 @@ COLUMNS = [("reward", "expert reward"), ("success", "success rate"), ("kl", "KL 
 
 
 def results_table(results: list[MethodResult]) -> str:
+    """The results as a Markdown table."""
     header = ["model"] + [label for _, label in COLUMNS] + ["time (s)"]
     rows = [[r.name] + [r.metrics.get(k, float("nan")) for k, _ in COLUMNS] + [round(r.seconds)]
             for r in results]
@@ -180,6 +192,7 @@ def results_table(results: list[MethodResult]) -> str:
 
 
 def write_report(s: DemoSettings, results: list[MethodResult]) -> Path:
+    """`report.md`, `results.json` and the plots in `s.out`."""
     from softpo.plots import demo_plots
 
     out = Path(s.out)
@@ -199,41 +212,3 @@ def write_report(s: DemoSettings, results: list[MethodResult]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-# ---------------------------------------------------------------- `softpo demo`
-
-def demo_arguments(p) -> None:
-    d = DemoSettings()
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--model", default=d.model, help="`default` (embedded SmolLM2-135M-Instruct), a "
-                   "hub name or folder, or `tiny` for a quick smoke run")
-    for name in ("train_prompts", "eval_prompts", "responses", "max_new_tokens", "eval_samples",
-                 "steps", "batch_size", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "spo_beta", "dpo_beta"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--task", default=d.task, help="shipped task family (softpo.tasks.TASKS)")
-    p.add_argument("--alphas", type=float, nargs="+", default=d.alphas)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def demo_command(args) -> int:
-    from softpo.errors import UserError
-
-    s = DemoSettings(out=args.out, model=args.model, task=args.task, train_prompts=args.train_prompts,
-                     eval_prompts=args.eval_prompts, responses=args.responses,
-                     max_new_tokens=args.max_new_tokens, eval_samples=args.eval_samples,
-                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, alphas=args.alphas,
-                     spo_beta=args.spo_beta, dpo_beta=args.dpo_beta, seed=args.seed,
-                     progress=not args.no_progress)
-    ints = [s.train_prompts, s.eval_prompts, s.max_new_tokens, s.eval_samples, s.steps, s.batch_size]
-    if min(ints) < 1 or s.responses < 2 or s.lr <= 0 or min(s.alphas) <= 0 or s.dpo_beta <= 0 \
-            or s.spo_beta < 0:
-        raise UserError("demo settings must be positive (--responses >= 2, --alphas > 0)")
-    t0 = time.perf_counter()
-    results = run(s)
-    print()
-    print(results_table(results))
-    print(f"\nreport: {Path(s.out) / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
-    return 0

@@ -1,20 +1,22 @@
 """Numbers only: preference accuracy, margins, KL to the reference, entropy, diversity, expert reward.
 
-No logging backends here; callers decide where numbers go.
+No logging backends here; callers decide where numbers go. Sampled evaluations encode their prompts
+with the one prompt encoder training uses (`softpo.sampling.sample_prompts`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from softpo.logprobs import DEFAULT_CHUNK, Reference, Rows, score_tokens, token_logps
-from softpo.packing import PackedRows
-from softpo.sampling import SampleBatch, sample
+from softpo.collate import PreferenceBatch
+from softpo.config import DataConfig
+from softpo.logprobs import DEFAULT_CHUNK, Reference, score_tokens, token_logps
+from softpo.packing import PackedRows, Rows, pack, packable_style
+from softpo.sampling import SampleBatch, sample_prompts
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -30,6 +32,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 @dataclass
 class SampleMetrics:
+    """What sampled responses to held-out prompts measure (Monte Carlo, nats per sequence)."""
+
     kl: float  # Monte Carlo estimate of KL(pi || ref), nats per sequence: mean of log pi - log ref
     entropy: float  # Monte Carlo estimate of sequence entropy: mean of -log pi(y|x)
     length: float  # mean response tokens
@@ -39,6 +43,7 @@ class SampleMetrics:
     success: float | None = None  # fraction with reward >= success threshold
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """The measured numbers, keys prefixed; reward and success only with an expert."""
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
 
 
@@ -61,8 +66,6 @@ def score_samples(model, reference: Reference | None, batch: SampleBatch,
 
 
 def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> PackedRows | None:
-    from softpo.packing import pack, packable_style
-
     if pad_token_id is None or batch.samples_per_prompt < 2:
         return None
     try:
@@ -75,20 +78,17 @@ def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> Pack
 
 
 @torch.no_grad()
-def evaluate_samples(model, tokenizer, prompts: list, data_cfg, reference: Reference | None, k: int,
+def evaluate_samples(model, tokenizer, prompts: list, data_cfg: DataConfig,
+                     reference: Reference | None, k: int,
                      max_new_tokens: int, seed: int, batch_size: int = 16,
                      reward_fn: Callable[[object, str], float] | None = None,
                      success_threshold: float = 1.0, progress=None) -> tuple[SampleMetrics, list]:
     """Sample k responses per prompt (rendered exactly as training renders prompts) and measure
     them. Returns the metrics and one (prompt, response, reward) record per sample."""
-    from softpo.collate import prompt_batch
-
     pol, ref, lengths, texts, owners = [], [], [], [], []
-    device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        ids, mask = prompt_batch(prompts[start:start + batch_size], tokenizer, data_cfg)
-        batch = sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens,
-                       seed + start)
+        chunk = prompts[start:start + batch_size]
+        batch = sample_prompts(model, tokenizer, chunk, data_cfg, k, max_new_tokens, seed + start)
         p, r = score_samples(model, reference, batch, tokenizer.pad_token_id)
         pol.append(p)
         ref.append(r)
@@ -96,7 +96,7 @@ def evaluate_samples(model, tokenizer, prompts: list, data_cfg, reference: Refer
         texts += batch.texts(tokenizer)
         owners += [start + i // k for i in range(len(batch.response_lengths))]
         if progress is not None:
-            progress.update(ids.shape[0])
+            progress.update(len(chunk))
     pol_t, ref_t = torch.cat(pol), torch.cat(ref)
     rewards = None if reward_fn is None else \
         [float(reward_fn(prompts[o], t)) for o, t in zip(owners, texts)]
@@ -113,7 +113,8 @@ def evaluate_samples(model, tokenizer, prompts: list, data_cfg, reference: Refer
 
 
 @torch.no_grad()
-def preference_accuracy(model, batches, reference: Reference | None = None) -> dict[str, float]:
+def preference_accuracy(model, batches: list[PreferenceBatch],
+                        reference: Reference | None = None) -> dict[str, float]:
     """Fraction of examples whose most-preferred response has the highest policy log-prob (and, with
     a reference, the highest log-ratio: DPO's implicit reward)."""
     hits = ratio_hits = total = 0
@@ -133,42 +134,3 @@ def preference_accuracy(model, batches, reference: Reference | None = None) -> d
     if reference is not None:
         out["implicit_reward_accuracy"] = ratio_hits / max(total, 1)
     return out
-
-
-# ---------------------------------------------------------------- `softpo eval`
-
-def eval_arguments(p) -> None:
-    p.add_argument("model", help="trained model folder (e.g. runs/x/final), hub name, tiny or default")
-    p.add_argument("--data", required=True, help="held-out preference file")
-    p.add_argument("--ref", help="reference model (enables implicit-reward accuracy and KL)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--json", action="store_true")
-
-
-def eval_command(args) -> int:
-    from softpo import data
-    from softpo.config import DataConfig, ModelConfig
-    from softpo.errors import UserError
-    from softpo.models import load_model, load_tokenizer
-
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    dcfg = DataConfig(train=args.data, max_length=args.max_length,
-                      max_prompt_length=args.max_prompt_length)
-    mcfg = ModelConfig(name_or_path=args.model)
-    tokenizer = load_tokenizer(mcfg)
-    model = load_model(mcfg, tokenizer, seed=0).eval()
-    reference = None
-    if args.ref:
-        ref = load_model(ModelConfig(name_or_path=args.ref), tokenizer, seed=0).eval()
-        reference = Reference(ref, adapter_toggle=False)
-    examples, report = data.load_preferences(args.data, dcfg)
-    items = data.tokenize_examples(examples, tokenizer, dcfg, report)
-    batches = [data.collate(items[i:i + args.batch_size], tokenizer.pad_token_id)
-               for i in range(0, len(items), args.batch_size)]
-    result = preference_accuracy(model, batches, reference)
-    print(json.dumps(result) if args.json else
-          "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return 0

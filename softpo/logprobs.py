@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from softpo.losses import exact_token_kl
-from softpo.packing import PackedRows
+from softpo.models import has_plain_head, hf_model
+from softpo.packing import PackedRows, Rows
 
 DEFAULT_CHUNK = 1024
 LOGIT_BUDGET = 1 << 26  # elements of one [chunk, vocab] block: 256 MiB in float32
@@ -52,21 +53,6 @@ class ResponseStates:
     labels: Tensor  # (N,) the response tokens
     rows: Tensor  # (N,) row index of each token
     cols: Tensor  # (N,) position t of each token
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under a PEFT or DDP wrapper (LoRA layers stay inside it)."""
-    model = getattr(model, "module", model)  # DDP
-    get_base = getattr(model, "get_base_model", None)  # PEFT
-    return get_base() if callable(get_base) else model
-
-
-def has_plain_head(model: nn.Module) -> bool:
-    """True when logits are exactly `lm_head(last_hidden_state)` (no soft-capping or scaling)."""
-    cfg = hf_model(model).config
-    special = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-    return isinstance(hf_model(model).get_output_embeddings(), nn.Linear) and \
-        not any(getattr(cfg, name, None) not in (None, 1.0) for name in special)
 
 
 def length_groups(lengths: list[int], max_groups: int = LENGTH_BUCKETS,
@@ -299,15 +285,6 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
                    chunk_size: int = DEFAULT_CHUNK, autocast: bool = False) -> Tensor:
     """Summed response log-probs per row.  Returns (R,) float32."""
     return token_logps(model, input_ids, attention_mask, response_mask, chunk_size, autocast).sum(-1)
-
-
-@dataclass
-class Rows:
-    """Right-padded token rows whose response tokens are scored."""
-
-    input_ids: Tensor  # (R, T)
-    attention_mask: Tensor  # (R, T)
-    response_mask: Tensor  # (R, T) bool, True on response tokens
 
 
 @dataclass

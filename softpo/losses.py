@@ -25,7 +25,6 @@ cpo/orpo add `nll`, orpo adds `log_odds`.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -102,16 +101,34 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {}
 
 
+DATA_KINDS = ("pairs", "best_of_n", "ranked")
+
+
 def register(name: str, data_kind: str, needs_ref: bool, is_spo: bool = False):
+    """Decorator: add `fn(logps: ListLogps, params: LossParams) -> LossOutput` to the registry.
+
+    The built-in losses use it, and so can a user's module: with `loss.module: mypkg.losses` in
+    the config (or on the command line) softpo imports that module before it looks up
+    `loss.name`, so `softpo train cfg.yaml loss.module=mypkg.losses loss.name=myloss` trains with
+    the new loss. `data_kind` is the data it reads (pairs, best_of_n or ranked), `needs_ref`
+    whether `ListLogps.ref_logps` must be computed, `is_spo` whether SPO's global KL regulariser
+    (weight `loss.beta`) applies. The first line of `fn`'s docstring is its summary in
+    `softpo losses`. A name registered again replaces the earlier loss.
+    """
+    if data_kind not in DATA_KINDS:
+        raise ValueError(f"register('{name}'): data_kind must be one of {', '.join(DATA_KINDS)}, "
+                         f"got {data_kind!r}")
+
     def wrap(fn: Callable[[ListLogps, LossParams], LossOutput]):
-        LOSSES[name] = LossSpec(name, fn, data_kind, needs_ref, is_spo,
-                                (fn.__doc__ or "").strip().splitlines()[0])
+        summary = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        LOSSES[name] = LossSpec(name, fn, data_kind, needs_ref, is_spo, summary)
         return fn
 
     return wrap
 
 
 def get_loss(name: str) -> LossSpec:
+    """The registered loss `name`; KeyError naming the known ones otherwise."""
     if name not in LOSSES:
         raise KeyError(f"unknown loss '{name}' (known: {', '.join(sorted(LOSSES))})")
     return LOSSES[name]
@@ -471,23 +488,3 @@ def kl_token_sf(s: SampleLogps) -> KLOutput:
     lp_t = torch.where(s.mask.bool(), s.policy_token_logps, 0.0)
     kl = kl_t.sum(-1)
     return KLOutput(kl + _score(go - _loo_mean(go), lp_t).sum(-1), kl.detach())
-
-
-# ---------------------------------------------------------------------------- `softpo losses`
-
-
-def list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=["pairs", "best_of_n", "ranked"], default=None,
-                        help="only losses that read this data kind")
-
-
-def list_command(args: argparse.Namespace) -> int:
-    specs = [s for s in LOSSES.values() if args.kind in (None, s.data_kind)]
-    print(f"{'loss':<15} {'data':<10} {'ref':<4} {'spo':<4} summary")
-    for s in specs:
-        print(f"{s.name:<15} {s.data_kind:<10} {'yes' if s.needs_ref else 'no':<4} "
-              f"{'yes' if s.is_spo else 'no':<4} {s.summary}")
-    print("\nKL estimators (regularizer.estimator):")
-    for name, fn in KL_ESTIMATORS.items():
-        print(f"  {name:<9} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    return 0

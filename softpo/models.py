@@ -12,7 +12,8 @@
   safetensors (unpickling a .bin can run code), and hub model code only with trust_remote_code.
 
 Everything a user can get wrong (a missing folder, an unknown hub name offline, pickle-only weights,
-a missing wheel) is a one-line `UserError` naming the model.
+a missing wheel) is a one-line `UserError` naming the model. The model helpers (`hf_model`,
+`has_plain_head`) see through PEFT and DDP wrappers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from softpo.checkpoint import sha256
 from softpo.config import ModelConfig, TinyModelConfig
@@ -152,6 +154,40 @@ def fuse_activations(model):
     return model
 
 
+# ---------------------------------------------------------------- model helpers
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT or DDP wrapper (LoRA layers stay inside it)."""
+    model = getattr(model, "module", model)  # DDP
+    get_base = getattr(model, "get_base_model", None)  # PEFT
+    return get_base() if callable(get_base) else model
+
+
+def has_plain_head(model: nn.Module) -> bool:
+    """True when logits are exactly `lm_head(last_hidden_state)` (no soft-capping or scaling)."""
+    cfg = hf_model(model).config
+    special = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    return isinstance(hf_model(model).get_output_embeddings(), nn.Linear) and \
+        not any(getattr(cfg, name, None) not in (None, 1.0) for name in special)
+
+
+def check_vocabulary(model: nn.Module, tokenizer, name: str) -> None:
+    """A UserError when the tokenizer has ids the model has no embedding for."""
+    rows = hf_model(model).get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UserError(f"model '{name}': tokenizer has {len(tokenizer)} tokens but the "
+                        f"model only {rows} embeddings (does model.tokenizer match the model?)")
+
+
+def with_pad_token(tokenizer, name: str):
+    """The tokenizer, given its eos as pad token when it had none (padding is masked out)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer '{name}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 # ---------------------------------------------------------------- loading by name
 
 def load_tokenizer(cfg: ModelConfig):
@@ -164,11 +200,7 @@ def load_tokenizer(cfg: ModelConfig):
     source = _resolve(name)
     with _friendly_errors(name, source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"tokenizer '{name}' has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_pad_token(tokenizer, name)
 
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int):
@@ -187,10 +219,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int):
     with _friendly_errors(cfg.name_or_path, source):
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, **extra)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise UserError(f"model '{cfg.name_or_path}': tokenizer has {len(tokenizer)} tokens but the "
-                        f"model only {rows} embeddings (does model.tokenizer match the model?)")
+    check_vocabulary(model, tokenizer, cfg.name_or_path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return fuse_activations(model)
@@ -430,14 +459,3 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-# ---------------------------------------------------------------- `softpo models fetch-default`
-
-def fetch_default_arguments(p) -> None:
-    p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
-
-
-def fetch_default_command(args) -> int:
-    print(fetch_default(force=args.force))
-    return 0

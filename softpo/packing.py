@@ -1,7 +1,8 @@
-"""Packed layouts: shared-prompt units (the prompt computed once for all its responses) and
-padding-free units (`[prompt, response]` without its padding), several units per row (`pack`).
+"""The layouts a forward pass runs: padded rows (`Rows`) and packed rows (`PackedRows`):
+shared-prompt units (the prompt computed once for all its responses) and padding-free units
+(`[prompt, response]` without its padding), several units per row (`pack`).
 
-The padded layout (`softpo.collate`) spends one row per response, `[prompt, response_j, pad]`, so a
+The padded layout (`softpo.collate`, `Rows`) spends one row per response, `[prompt, response_j, pad]`, so a
 pair runs its prompt through the model twice. Packed, example b is one row
 
     [prompt (P tokens) | response_0 (L_0) | response_1 (L_1) | ... | pad]
@@ -29,7 +30,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from softpo.models import has_plain_head, hf_model
+
 MASK_STYLES = {"sdpa": "bool", "eager": "additive"}
+
+
+@dataclass
+class Rows:
+    """Right-padded token rows `[prompt, response, pad]` whose response tokens are scored."""
+
+    input_ids: Tensor  # (R, T)
+    attention_mask: Tensor  # (R, T)
+    response_mask: Tensor  # (R, T) bool, True on response tokens
 
 
 @dataclass
@@ -47,6 +59,7 @@ class PackedRows:
     lengths: Tensor  # (B,) tokens before each row's padding
 
     def to(self, device) -> "PackedRows":
+        """The rows with every tensor on `device`."""
         return PackedRows(*(getattr(self, f).to(device) for f in
                             ("input_ids", "attention_mask", "position_ids", "rows", "cols", "prev",
                              "owner")), self.num_responses, self.lengths.to(device))
@@ -54,8 +67,6 @@ class PackedRows:
 
 def mask_style(model) -> str:
     """How a custom mask must be given to `model`, or a ValueError naming what is unsupported."""
-    from softpo.logprobs import hf_model
-
     impl = getattr(hf_model(model).config, "_attn_implementation", None) or "eager"
     if impl not in MASK_STYLES:
         raise ValueError(f"model.packing=shared_prompt needs attn_implementation sdpa or eager "
@@ -66,8 +77,6 @@ def mask_style(model) -> str:
 def packable_style(model) -> str:
     """`mask_style(model)` when packed rows can be scored: the attention takes a 4-D mask and the
     logits are a plain linear layer of the states. Otherwise a ValueError naming what is missing."""
-    from softpo.logprobs import has_plain_head
-
     style = mask_style(model)
     if not has_plain_head(model):
         raise ValueError("shared_prompt needs a plain linear output layer; this model scales or "

@@ -1,4 +1,5 @@
-"""`softpo build-prefs`: sample responses from a model, score them with an expert, write preferences.
+"""Preference data from an expert (`softpo build-prefs`): sample responses from a model, score them,
+label them, write rows.
 
 For each prompt, n responses are drawn by pure sampling (temperature 1, `softpo.sampling`), scored by
 an expert (a `module:function` callable or a reward model, `softpo.tasks.experts`) and turned into
@@ -22,7 +23,9 @@ responses are dropped. A prompt whose responses all tie (or that has fewer than 
 responses) gives no row and is counted. Pairs come from responses with different rewards only: a
 tie states no preference. The same arguments give the same file: batch b of prompts is sampled
 with seed `seed + first prompt index`, and each prompt's labels with a generator seeded by (seed,
-prompt index).
+prompt index). Prompts are encoded by the one prompt encoder training uses
+(`softpo.collate.encode_prompt`, with the `DataConfig` given), so each response is trained after
+exactly the tokens it was sampled after.
 """
 
 from __future__ import annotations
@@ -32,16 +35,15 @@ import math
 import os
 import random
 import statistics
-import sys
-import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softpo.config import DataConfig
 from softpo.errors import UserError
-from softpo.sampling import encode_prompts, sample
+from softpo.sampling import sample_prompts
 
 FORMATS = ("pairs", "best_of_n", "ranked")
 PAIRINGS = ("bt", "best-worst")
@@ -127,6 +129,8 @@ def make_rows(prompt: Any, texts: list[str], rewards: list[float], fmt: str, pai
 
 @dataclass
 class BuildStats:
+    """What building the rows did: prompts, responses, duplicates, ties, rewards."""
+
     prompts: int = 0
     rows: int = 0
     responses: int = 0  # sampled
@@ -139,6 +143,7 @@ class BuildStats:
     rewards: list[float] = field(default_factory=list)  # every sampled response, duplicates included
 
     def summary(self, success_threshold: float | None = None) -> dict:
+        """The counts and reward statistics as a JSON-able dict (success rate with a threshold)."""
         out = {k: v for k, v in asdict(self).items() if k != "rewards"}
         r = self.rewards
         if r:
@@ -168,9 +173,11 @@ def distinct_responses(texts: list[str]) -> tuple[list[str], list[int]]:
 def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_new_tokens: int,
                       seed: int, fmt: str = "pairs", pairing: str = "bt", temperature: float = 1.0,
                       pairs_per_prompt: int = 1, batch_size: int = 8, chat: bool = False,
-                      progress: bool = True) -> tuple[list[dict], BuildStats]:
+                      progress: bool = True, data_cfg: DataConfig | None = None
+                      ) -> tuple[list[dict], BuildStats]:
     """Sample n responses per prompt, score the distinct ones, label them; rows and stats.
-    With `chat`, string prompts become one user message (in the rows too: they were sampled so)."""
+    With `chat`, string prompts become one user message (in the rows too: they were sampled so).
+    Prompts are encoded as a run with `data_cfg` (default: `DataConfig()`) will encode them."""
     from tqdm.auto import tqdm
 
     if fmt not in FORMATS or pairing not in PAIRINGS or n < 2 or not temperature > 0:
@@ -178,14 +185,11 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
                         f"and temperature > 0 (got {fmt!r}, {pairing!r}, {n}, {temperature})")
     prompts = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p
                for p in prompts]
-    rows, stats = [], BuildStats()
-    device = next(model.parameters()).device
+    rows, stats, data_cfg = [], BuildStats(), data_cfg or DataConfig()
     bar = tqdm(total=len(prompts), unit="prompt", desc="build-prefs", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, mask = encode_prompts(tokenizer, chunk)  # (P, Lp)
-        batch = sample(model, tokenizer, ids.to(device), mask.to(device), n, max_new_tokens,
-                       seed + start)
+        batch = sample_prompts(model, tokenizer, chunk, data_cfg, n, max_new_tokens, seed + start)
         texts = batch.texts(tokenizer)  # (P*n,) grouped by prompt
         stats.unfinished += int((~batch.finished).sum())
         distinct = [distinct_responses(texts[p * n:(p + 1) * n]) for p in range(len(chunk))]
@@ -238,105 +242,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def summary_path(out: Path) -> Path:
     """`prefs.jsonl` -> `prefs.summary.json`."""
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-
-
-# ---------------------------------------------------------------- `softpo build-prefs`
-
-def build_prefs_arguments(p) -> None:
-    p.add_argument("--model", default="default",
-                   help="model that samples: folder, hub name, `tiny` or `default` (SmolLM2)")
-    src = p.add_argument_group("prompts (one source)")
-    src.add_argument("--prompts", help="prompt file: JSONL/JSON/CSV/Parquet with `prompt` (a "
-                     "string or messages), or .txt one per line")
-    src.add_argument("--task", help="a shipped task family (arithmetic, arithmetic-compare, "
-                     "arithmetic-sums): its prompts, and its reward when no expert is given")
-    src.add_argument("--split", default="train", help="task split: train or test")
-    src.add_argument("--num-prompts", type=int, default=64, help="prompts drawn from the task")
-    src.add_argument("--chat", action="store_true", help="wrap string prompts as a user turn")
-    ex = p.add_argument_group("expert (one of)")
-    ex.add_argument("--expert", help="Python callable `module:function` (prompt, response) -> "
-                    "float, e.g. softpo.tasks.arithmetic:reward")
-    ex.add_argument("--reward-model", help="sequence-classification reward model (folder or hub "
-                    "name, safetensors)")
-    p.add_argument("-n", "--num-responses", type=int, default=4, help="responses per prompt (>= 2)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=FORMATS, default="pairs")
-    p.add_argument("--pairing", choices=PAIRINGS, default="bt",
-                   help="bt: labels sampled from Bradley-Terry / Luce / Plackett-Luce; "
-                   "best-worst: deterministic (best vs worst, argmax, sorted)")
-    p.add_argument("--bt-temperature", type=float, default=1.0,
-                   help="T in P(a > b) = sigmoid((r_a - r_b) / T)")
-    p.add_argument("--pairs-per-prompt", type=int, default=1,
-                   help="bt pairs per prompt among responses with different rewards (0: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
-    p.add_argument("--out", required=True, help="output JSONL (a .summary.json is written beside)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _check_args(args) -> None:
-    if (args.prompts is None) == (args.task is None):
-        raise UserError("give exactly one prompt source: --prompts FILE or --task NAME")
-    checks = [(args.num_responses >= 2, f"-n/--num-responses must be >= 2, got {args.num_responses}"),
-              (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-              (args.batch_size >= 1, "--batch-size must be >= 1"),
-              (args.num_prompts >= 1, "--num-prompts must be >= 1"),
-              (args.pairs_per_prompt >= 0, "--pairs-per-prompt must be >= 0"),
-              (math.isfinite(args.bt_temperature) and args.bt_temperature > 0,
-               f"--bt-temperature must be > 0, got {args.bt_temperature}"),
-              (args.out.endswith(".jsonl"), f"--out must end in .jsonl, got '{args.out}'")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-
-
-def _prompts_and_expert(args) -> tuple[list, str | None, float | None]:
-    """The prompts, the expert spec to use (the task's reward when none is given) and, when that
-    is the task's reward, the task's success threshold."""
-    if args.prompts:
-        from softpo.data import read_prompts
-
-        return read_prompts(args.prompts), args.expert, None
-    from softpo.tasks import get_task
-
-    task = get_task(args.task)
-    expert = args.expert if args.expert or args.reward_model else task.reward_spec
-    threshold = task.success_threshold if expert == task.reward_spec else None
-    return task.make_prompts(args.split, args.num_prompts, args.seed), expert, threshold
-
-
-def build_prefs_command(args) -> int:
-    from softpo.config import ModelConfig
-    from softpo.hardware import default_device
-    from softpo.models import load_model, load_tokenizer
-    from softpo.tasks.experts import load_scorer
-
-    _check_args(args)
-    prompts, expert, threshold = _prompts_and_expert(args)
-    device = default_device()
-    scorer, described = load_scorer(expert, args.reward_model, device=device)
-    cfg = ModelConfig(name_or_path=args.model)
-    tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer, seed=args.seed).to(device).eval()
-    began = time.perf_counter()
-    rows, stats = build_preferences(
-        model, tokenizer, prompts, scorer, n=args.num_responses, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, fmt=args.format, pairing=args.pairing, temperature=args.bt_temperature,
-        pairs_per_prompt=args.pairs_per_prompt, batch_size=args.batch_size, chat=args.chat,
-        progress=not args.no_progress)
-    elapsed = time.perf_counter() - began
-    if not rows:
-        raise UserError(f"no rows: the responses to all {stats.prompts} prompts tied or were too "
-                        "few (try more -n or a longer --max-new-tokens)")
-    out = Path(args.out)
-    write_jsonl(out, rows)
-    summary = {"out": str(out), "model": args.model, "expert": described, "format": args.format,
-               "pairing": args.pairing, "bt_temperature": args.bt_temperature,
-               "num_responses": args.num_responses, "max_new_tokens": args.max_new_tokens,
-               "seed": args.seed, "prompt_source": args.prompts or f"task {args.task}:{args.split}",
-               **stats.summary(threshold), "seconds": round(elapsed, 2)}
-    write_atomic(summary_path(out), json.dumps(summary, indent=2) + "\n")
-    print(f"softpo: wrote {stats.rows} {args.format} rows from {stats.prompts} prompts to {out} "
-          f"(reward mean {summary['reward_mean']:.3f}; skipped {stats.skipped_ties} all-tie and "
-          f"{stats.skipped_too_few} too-few prompts; {elapsed:.1f}s)", file=sys.stderr)
-    return 0

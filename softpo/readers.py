@@ -8,12 +8,14 @@ Sources (`open_source(source, split)`)
   conversation are JSON text), `.parquet` (row = 1-based record);
 * a local folder: the output of `datasets.save_to_disk` (read with `load_from_disk`), or a folder of
   data files (those whose name contains the split if any do, else all), read with the readers above;
-* a hub dataset `name` or `name:split` through `datasets.load_dataset` (row = 1-based record).
+* a hub dataset `name` or `name:split` through `datasets.load_dataset` (row = 1-based record);
+* in memory (the Python API): a `datasets.Dataset` or `DatasetDict`, or a list of dicts (row =
+  1-based record), named in messages by the caller (e.g. `train_dataset`).
 
 A reader never validates fields (that is `softpo.data`); it yields each record, or a `BadRowError` in
 its place for a line that is not valid UTF-8, not valid JSON, not an object, or a ragged CSV row, so
 that `on_bad_rows="skip"` can count it. Problems with a whole file (missing, unknown type, not valid
-JSON/CSV/Parquet, a missing split) raise `UserError` at once. `softpo.data` re-exports every name.
+JSON/CSV/Parquet, a missing split) raise `UserError` at once.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ class BadRowError(UserError):
                  row: int | None = None, field: str | None = None):
         super().__init__(message, source=source, row=row, field=field)
         self.reason = reason
-
 
 
 def _type_name(v: Any) -> str:
@@ -238,8 +239,32 @@ def _hub_source(source: str, split: str) -> RowSource:
     return _hf_source(ds, source)
 
 
-def open_source(source: str, split: str = "train") -> list[RowSource]:
-    """The row sources behind a path or hub name (several for a folder of files)."""
+def _record_source(records: list | tuple, name: str) -> RowSource:
+    return RowSource(name, None, ((i, rec if isinstance(rec, dict) else BadRowError(
+        f"a record must be an object, got {_type_name(rec)}", reason="wrong_type", source=name,
+        row=i)) for i, rec in enumerate(records, 1)))
+
+
+def _in_memory(source: Any, split: str, name: str) -> RowSource | None:
+    """A list of dicts or a `datasets` object as a row source; None for anything else."""
+    if isinstance(source, (list, tuple)):
+        return _record_source(source, name)
+    if not type(source).__module__.startswith("datasets"):
+        return None
+    if isinstance(source, dict):  # a DatasetDict
+        if split not in source:
+            raise UserError(f"no split '{split}' (splits: {', '.join(source)})", source=name)
+        source = source[split]
+    return _hf_source(source, name)
+
+
+def open_source(source: Any, split: str = "train", name: str | None = None) -> list[RowSource]:
+    """The row sources behind a path or hub name (several for a folder of files), or behind an
+    in-memory dataset or list of dicts (`name` names it in messages)."""
+    memory = _in_memory(source, split, name or "rows")
+    if memory is not None:
+        return [memory]
+    source = str(source)
     path = Path(source).expanduser()
     if path.is_file():
         reader = READERS.get(path.suffix.lower())

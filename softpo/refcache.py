@@ -33,6 +33,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from softpo.collate import PreferenceBatch
+from softpo.config import Config
+from softpo.logprobs import Reference
+from softpo.models import cache_root
+from softpo.packing import Rows
+
 FORMAT = 1
 DIGEST = 16  # bytes per row key
 
@@ -109,6 +115,7 @@ class RefLogpCache:
 
 
 def cache_key(weights: str, precision: str, keys: list[bytes]) -> str:
+    """The cache file's name: a digest of the format, the weights, the precision and the rows."""
     h = hashlib.blake2b(digest_size=DIGEST)
     h.update(json.dumps({"format": FORMAT, "weights": weights, "precision": precision}).encode())
     for k in sorted(keys):
@@ -116,7 +123,7 @@ def cache_key(weights: str, precision: str, keys: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def compute(reference, batches, rows_of) -> dict[bytes, float]:
+def compute(reference: Reference, batches: list[PreferenceBatch], rows_of) -> dict[bytes, float]:
     """Reference log-probs of every row of every batch (`rows_of(batch)` -> softpo Rows)."""
     table: dict[bytes, float] = {}
     for batch in batches:
@@ -130,22 +137,18 @@ def compute(reference, batches, rows_of) -> dict[bytes, float]:
 
 
 def default_dir() -> Path:
-    from softpo.models import cache_root
-
+    """`$SOFTPO_CACHE/ref_logps` (default ~/.cache/softpo/ref_logps)."""
     return cache_root() / "ref_logps"
 
 
-def load_or_build(trainer) -> RefLogpCache:
-    """The cache for `trainer`'s reference and train + eval rows: loaded if its file exists, else
-    computed (each process its share of the examples, gathered) and written by the main process."""
+def load_or_build(reference: Reference, batches: list[PreferenceBatch], cfg: Config,
+                  accelerator) -> RefLogpCache:
+    """The cache for `reference` and the rows of `batches` (every train and eval row of a run):
+    loaded if its file exists, else computed (each process its share of the batches, gathered)
+    and written by the main process. `cfg` names the folder, the precision and the metadata."""
     from accelerate.utils import gather_object
 
-    from softpo.logprobs import Rows
-
-    cfg, acc, reference = trainer.cfg, trainer.acc, trainer.reference
-    examples = list(trainer.train_set) + list(trainer.eval_set)
-    bs = cfg.train.eval_batch_size
-    batches = [trainer._collate(examples[i:i + bs]) for i in range(0, len(examples), bs)]
+    acc = accelerator
     all_keys = [k for b in batches for k in row_keys(b.input_ids, b.attention_mask, b.response_mask)
                 if k is not None]
     precision = f"{cfg.model.dtype}{'+autocast_bf16' if cfg.model.autocast_bf16 else ''}"

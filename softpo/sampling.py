@@ -6,7 +6,10 @@ distribution), with the KV cache, `k >= 2` samples per prompt, and a seed per ca
 run draws exactly the samples the uninterrupted run drew.
 
 Samples come back as right-padded rows `[prompt, response, pad]` (the layout of preference rows), the
-response masked up to and including the first end-of-sequence token.
+response masked up to and including the first end-of-sequence token. `sample_prompts` samples after
+prompts given as text or conversations, encoded by the one prompt encoder
+(`softpo.collate.encode_prompt`) that training uses, so a sample is trained after exactly the tokens
+it was drawn after.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from softpo.collate import left_pad
-from softpo.logprobs import Rows, hf_model
+from softpo.collate import prompt_batch
+from softpo.config import DataConfig
+from softpo.models import hf_model
+from softpo.packing import Rows
 
 
 @dataclass
 class SampleBatch:
+    """k fresh responses for each of P prompts, as right-padded rows (prompt-major)."""
+
     rows: Rows  # (P*k, T) right-padded prompt + response; response_mask on sampled tokens
     num_prompts: int  # P
     samples_per_prompt: int  # k
@@ -29,6 +36,7 @@ class SampleBatch:
     finished: Tensor  # (P*k,) bool: the response ended with EOS before max_new_tokens
 
     def texts(self, tokenizer) -> list[str]:
+        """The responses decoded, special tokens skipped, in row order."""
         out = []
         for ids, mask in zip(self.rows.input_ids, self.rows.response_mask):
             out.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
@@ -124,48 +132,11 @@ def to_rows(sequences: Tensor, prompt_mask: Tensor, eos_ids: list[int], pad_id: 
     return SampleBatch(Rows(ids, attn, resp_mask), num_prompts, k, lengths, finished)
 
 
-# ---------------------------------------------------------------- `softpo sample`
-
-def sample_arguments(p) -> None:
-    p.add_argument("model", help="model folder or hub name, `tiny` or `default`")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompt file (JSONL with `prompt`, or .txt one per line)")
-    p.add_argument("-n", "--num-samples", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="wrap plain prompts as a user turn")
-
-
-def sample_command(args) -> int:
-    from softpo.config import ModelConfig
-    from softpo.data import read_prompts
-    from softpo.errors import UserError
-    from softpo.models import load_model, load_tokenizer
-
-    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
-    if not prompts:
-        raise UserError("give at least one --prompt or a --prompts file")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num-samples and --max-new-tokens must be >= 1")
-    cfg = ModelConfig(name_or_path=args.model)
-    tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer, seed=args.seed)
-    ids, mask = encode_prompts(tokenizer, prompts, chat=args.chat)
-    batch = sample(model, tokenizer, ids, mask, args.num_samples, args.max_new_tokens, args.seed)
-    for i, text in enumerate(batch.texts(tokenizer)):
-        print(f"[{i // args.num_samples}.{i % args.num_samples}] {text}")
-    return 0
-
-
-def encode_prompts(tokenizer, prompts: list, chat: bool = False) -> tuple[Tensor, Tensor]:
-    """Prompts (strings or message lists) -> left-padded ids and mask.  (P, Lp) each."""
-    encoded = []
-    for prompt in prompts:
-        if isinstance(prompt, str) and chat:
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, list):
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            encoded.append(tokenizer(prompt)["input_ids"])
-    return left_pad(encoded, tokenizer.pad_token_id)
+def sample_prompts(model: nn.Module, tokenizer, prompts: list, data_cfg: DataConfig, k: int,
+                   max_new_tokens: int, seed: int, device: torch.device | None = None
+                   ) -> SampleBatch:
+    """k responses for each prompt (a string or a conversation), encoded as training encodes
+    prompts (`softpo.collate.prompt_batch`), on `device` (default: the model's)."""
+    ids, mask = prompt_batch(prompts, tokenizer, data_cfg)  # (P, Lp)
+    device = device if device is not None else next(model.parameters()).device
+    return sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens, seed)

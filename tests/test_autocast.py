@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from softpo.config import TinyModelConfig
-from softpo.logprobs import PolicyScorer, Rows
+from softpo.logprobs import PolicyScorer
+from softpo.packing import Rows
 from softpo.models import build_tiny_model, byte_tokenizer
 
 

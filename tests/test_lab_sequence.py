@@ -188,7 +188,7 @@ def test_trainer_refuses_examples_of_the_wrong_kind(tmp_path):
     ranked = [seqmodel.example(space, [0, 1, 2], "ranked", 1)]
     with pytest.raises(UserError, match="needs pairs data"):
         Trainer(trainer_config(cfg, str(tmp_path)), tokenizer=tok,
-                policy=seqmodel.build_model(tok, 0, 1, 32, 2), examples=ranked)
+                model=seqmodel.build_model(tok, 0, 1, 32, 2), examples=ranked)
 
 
 def test_cli_spo_run_converges_and_prints_one_json_object(capsys):

@@ -84,7 +84,8 @@ def _tiny_llama():
 
 def test_grouped_rows_give_the_states_and_gradients_of_one_block(monkeypatch):
     """Rows of 3..40 tokens: run in length groups they give the one-block states and gradients."""
-    from softpo.logprobs import Rows, length_groups, score_tokens
+    from softpo.logprobs import length_groups, score_tokens
+    from softpo.packing import Rows
 
     model, tok = _tiny_llama()
     lengths = [3, 40, 5, 38, 21]

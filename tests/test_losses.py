@@ -380,11 +380,13 @@ def test_half_precision_is_promoted():
 def test_list_command_prints_registry(capsys):
     import argparse
 
+    from softpo import commands
+
     parser = argparse.ArgumentParser()
-    L.list_arguments(parser)
-    assert L.list_command(parser.parse_args([])) == 0
+    commands.losses_arguments(parser)
+    assert commands.losses_command(parser.parse_args([])) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in LOSSES) and all(n in text for n in L.KL_ESTIMATORS)
-    L.list_command(parser.parse_args(["--kind", "ranked"]))
+    commands.losses_command(parser.parse_args(["--kind", "ranked"]))
     text = capsys.readouterr().out
     assert "spo_ranked" in text and "dpo " not in text

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from softpo.build import packing_style
 from softpo.collate import TokenizedExample, collate
 from softpo.config import load_config
 from softpo.errors import UserError
@@ -90,7 +91,7 @@ def test_packed_equals_padded_through_the_trainer(tmp_path, arch, attn, loss, pa
     with torch.no_grad():  # move the policy away from the reference so that ratios are not zero
         for p in t.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = t._collate(t.train_set[:4])
+    batch = t.collate(t.train_set[:4])
     model = t.acc.unwrap_model(t.scorer).model
     results = []
     if pack_tokens == 0:  # rows really packed (30 tokens: some units are longer than a row)
@@ -114,7 +115,7 @@ def test_unsupported_attention_is_a_user_error(tmp_path):
         mask_style(t.policy)
     t.cfg.model.packing = "shared_prompt"
     with pytest.raises(UserError, match="model.packing"):
-        t._packing_style()
+        packing_style(t.cfg, t.policy)
 
 
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])

@@ -27,7 +27,7 @@ def make_trainer(tmp_path, **extra) -> Trainer:
 
 
 def losses(t: Trainer, items) -> torch.Tensor:
-    return t.forward_loss(t._collate(items), False, StepStats(), scale=1.0).detach()
+    return t.forward_loss(t.collate(items), False, StepStats(), scale=1.0).detach()
 
 
 def test_cached_equals_reference_forward_and_is_reused(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_lora_keeps_its_reference_and_a_missing_row_is_an_error(tmp_path):
     t = make_trainer(tmp_path, **{"loss.precompute_ref_logps": True, "lora.enabled": True,
                                   "lora.r": 4, "lora.target_modules": "[q_proj, v_proj]"})
     assert t.reference is not None and t.reference.adapter_toggle  # the policy itself: kept
-    batch = t._collate(t.train_set[:2])
+    batch = t.collate(t.train_set[:2])
     batch.input_ids[0, 1] += 1  # a row the cache never saw
     with pytest.raises(KeyError, match="not in the reference log-prob cache"):
         t.ref_cache.lookup(batch.input_ids, batch.attention_mask, batch.response_mask)

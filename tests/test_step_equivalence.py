@@ -85,7 +85,7 @@ def _trainer(tmp_path, world, loss="spo", estimator="token", packing="none") -> 
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     t = Trainer(_config(tmp_path, loss, estimator, packing), tokenizer=tokenizer,
-                policy=model, examples=examples)
+                model=model, examples=examples)
     if t.spec.is_spo and t.cfg.loss.beta > 0:
         t.refresh_samples(0)
     return t

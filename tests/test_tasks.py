@@ -169,17 +169,21 @@ def test_task_variants_ask_only_their_kinds():
 
 def test_success_probability_is_the_teacher_forced_probability_of_the_exact_answers():
     """For "What is 2 + 9?" (c = 11): pi("11" <end>) + pi("11." <end>), each the product of the
-    next-token probabilities along the chat-rendered prompt, checked against a plain forward."""
+    next-token probabilities along the chat-rendered prompt, checked against a plain forward.
+    The prompts (about 300 byte tokens) are encoded by the training encoder with room for all of
+    them (max_prompt_length 512)."""
     import torch
 
-    from softpo.config import ModelConfig
+    from softpo.config import DataConfig, ModelConfig
     from softpo.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     model = load_model(ModelConfig(), tokenizer, seed=0).eval()
     prompts = [A.conversation("add", "What is 2 + 9?"),
                A.conversation("larger", "Which is larger, 5 or 40?")]
-    got = A.success_probability(model, tokenizer, prompts, batch_size=3)  # batches split a prompt
+    whole = DataConfig(max_length=1024, max_prompt_length=512)
+    got = A.success_probability(model, tokenizer, prompts, batch_size=3,  # batches split a prompt
+                                data_cfg=whole)
     for prompt, p, c in zip(prompts, got, ("11", "40")):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         prefix = tokenizer(text, add_special_tokens=False)["input_ids"]

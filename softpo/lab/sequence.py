@@ -17,12 +17,10 @@ every measurement is exact:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -195,7 +193,7 @@ def _run(cfg: SeqConfig) -> dict:
     t_train = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="softpo-lab-") as tmp:
         trainer = Trainer(trainer_config(cfg, tmp), tokenizer=s.tokenizer,
-                          policy=copy.deepcopy(s.reference).requires_grad_(True), examples=examples)
+                          model=copy.deepcopy(s.reference).requires_grad_(True), examples=examples)
         for step in range(cfg.steps):
             if step % cfg.eval_every == 0:
                 curve.append(_point(step, s.scorer.exact(trainer.policy), target, optimum))
@@ -271,109 +269,3 @@ def conditional_kl(logps: Tensor, ref_logps: Tensor, subset: Tensor) -> float | 
 
 def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def sequence_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SeqConfig()
-    a = parser.add_argument
-    a("--loss", default=d.loss, help="a registered loss (softpo losses): spo, spo_best_of_n, "
-      "spo_ranked, dpo, ipo, simpo, cpo, ... (default %(default)s)")
-    a("--alpha", type=float, default=d.alpha, help="SPO softness: the target is softmax(r/alpha)")
-    a("--beta", type=float, default=None, help="SPO: weight of the global KL on fresh samples "
-      f"(default 0); DPO family: inverse temperature (default {DPO_FAMILY_BETA:g})")
-    a("--data", choices=DATA_KINDS, default=None, help="data kind (default: the loss's own)")
-    a("--n", type=int, default=d.n,
-      help="responses per best-of-n / ranked list (default %(default)s)")
-    a("--pairs", type=int, default=d.pairs, help="training examples (default %(default)s)")
-    a("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
-    a("--batch-size", type=int, default=d.batch_size,
-      help="examples per step (default %(default)s)")
-    a("--lr", type=float, default=d.lr,
-      help="peak learning rate, cosine to 0 (default %(default)s)")
-    a("--adam-beta2", type=float, default=d.adam_beta2,
-      help="Adam's second-moment decay (default %(default)s)")
-    a("--estimator", default=d.estimator, help="global-KL estimator: token_sf (default, unbiased), "
-      "seq (unbiased) or token (biased)")
-    a("--samples", type=int, default=d.samples, help="fresh samples per step (default %(default)s)")
-    a("--letters", default=d.letters, help="the alphabet (default %(default)s)")
-    a("--max-len", type=int, default=d.max_len, help="longest response (default %(default)s)")
-    a("--reward-scale", type=float, default=d.reward_scale, help="r ~ scale * N(0, 1)")
-    a("--ref-scale", type=float, default=d.ref_scale, help="p_sft = softmax(scale * N(0, 1))")
-    a("--sft-steps", type=int, default=d.sft_steps, help="reference fitting steps")
-    a("--eval-every", type=int, default=d.eval_every, help="exact measurement interval")
-    a("--seed", type=int, default=d.seed, help="seed of world, models, data and samples")
-    a("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-    a("--out", default="runs/lab_sequence",
-      help="folder for plots and reports (default %(default)s)")
-    a("--no-plots", action="store_true", help="write no files")
-    a("--report", choices=("table", "seeds", "growth", "growth-large", "drift"), default=None,
-      help="run an experiment of docs/lab.md instead of one run: table (SPO at alpha 0.5/1/2 and "
-      "the baselines), seeds (SPO at alpha 0.5/1/2 over seeds 0-4), growth (entropy as data grows), growth-large (the same on |Y| = 341), "
-      "drift (mass on unseen responses)")
-
-
-def sequence_command(args: argparse.Namespace) -> int:
-    cfg = resolve(SeqConfig(
-        loss=args.loss, alpha=args.alpha, beta=args.beta, data=args.data, n=args.n,
-        pairs=args.pairs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        adam_beta2=args.adam_beta2,
-        estimator=args.estimator, samples=args.samples, letters=args.letters,
-        max_len=args.max_len, reward_scale=args.reward_scale, ref_scale=args.ref_scale,
-        sft_steps=args.sft_steps, eval_every=args.eval_every, seed=args.seed))
-    from pathlib import Path
-
-    out = None if args.no_plots else Path(args.out)
-    if args.report:
-        from softpo.lab import seqreport
-
-        rows = seqreport.EXPERIMENTS[args.report](cfg, out, echo=not args.json)
-        if args.json:
-            print(json.dumps({"runs": rows}))
-        return 0
-    result = run(cfg)
-    if out is not None:
-        from softpo.lab import seqreport
-
-        result["plot"] = str(seqreport.plot_run(out / f"{cfg.loss}_probs.png", result))
-    summary = public(result)
-    print(json.dumps(summary) if args.json else format_result(summary))
-    return 0
-
-
-def format_result(r: dict) -> str:
-    own = ("n/a" if r["kl_to_own_optimum"] is None
-           else f"{r['kl_to_own_optimum']:.5f} nats ({r['own_optimum']}"
-           + (f", |grad| {r['solver_grad_norm']:.1e})" if r["solver_grad_norm"] is not None
-              else ")"))
-    lines = [
-        f"softpo lab sequence: {r['loss']} on {r['data']} (n={r['n']}), alpha={r['alpha']:g}, "
-        f"beta={r['beta']:g}; |Y|={r['responses']} responses",
-        f"  training  {r['pairs']:,} examples, {r['steps']} steps x {r['batch_size']}, "
-        f"lr {r['lr']:g}, {r['train_seconds']:.1f} s (run {r['seconds']:.1f} s)",
-        f"  KL(pi || softmax(r/alpha))   {r['kl_to_target']:.5f} nats",
-        f"  KL(pi || own optimum)        {own}",
-        f"  data floor                   {_num(r['data_floor'])} nats (the sampled data's own "
-        "optimum against the population one)",
-        f"  entropy   learned {r['entropy']:.4f} | softmax(r/alpha) {r['target_entropy']:.4f} | "
-        f"pi_ref {r['ref_entropy']:.4f}",
-        f"  unseen    {r['unseen_responses']} responses in no example: mass {r['unseen_mass']:.4f} "
-        f"(pi_ref {r['unseen_mass_ref']:.4f}, drift {r['drift_mass']:+.4f})",
-    ]
-    if r["sft_kl"] > 1e-3:
-        lines.append(f"  warning   the reference fit stopped at KL(p_sft || pi_ref) {r['sft_kl']:.2g} "
-                     "nats (measurements use the fitted model's own distribution; raise --sft-steps "
-                     "for a closer fit)")
-    if "plot" in r:
-        lines.append(f"  plot      {r['plot']}")
-    return "\n".join(lines)
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.5f}"
-
-
-def config_dict(cfg: SeqConfig) -> dict:
-    return asdict(cfg)

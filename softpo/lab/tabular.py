@@ -14,8 +14,6 @@ The KL regulariser of the SPO family, beta * KL(pi_theta || pi_ref), is computed
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -256,90 +254,3 @@ def run_sweep(base: LabConfig, out: str | Path | None, echo: bool = True) -> lis
                            "(SPO) and beta (DPO)", _setup_line(base), table,
                            images=["alpha_sweep.png"])
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def tabular_arguments(parser: argparse.ArgumentParser) -> None:
-    d = LabConfig()
-    a = parser.add_argument
-    a("--loss", default=d.loss, help="a registered loss (softpo losses): spo, spo_best_of_n, "
-      "spo_ranked, dpo, ipo, ... (default %(default)s)")
-    a("--alpha", type=float, default=d.alpha, help="SPO softness; optimum softmax(r/alpha)")
-    a("--beta", type=float, default=None, help="SPO: weight of KL(pi||pi_ref) (default 0); "
-      f"DPO family: inverse temperature (default {DPO_DEFAULT_BETA})")
-    a("--gamma", type=float, default=d.gamma, help="weighted-SPO sharpness (0: unweighted)")
-    a("--k", type=int, default=d.k, help="responses per context (default %(default)s)")
-    a("--contexts", type=int, default=d.contexts, help="contexts (default %(default)s)")
-    a("--n", type=int, default=d.n,
-      help="responses per best-of-n / ranked list (default %(default)s)")
-    a("--data", choices=DATA_KINDS, default=None, help="data kind (default: the loss's own)")
-    a("--sampler", choices=("uniform", "ref"), default=d.sampler,
-      help="how responses are drawn: uniformly or from pi_ref (default %(default)s)")
-    a("--pairs", type=int, default=d.pairs,
-      help="examples to sample (default %(default)s); 0 = train on the exact expected objective")
-    a("--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)")
-    a("--batch-size", type=int, default=d.batch_size, help="minibatch size (default %(default)s)")
-    a("--lr", type=float, default=d.lr,
-      help="peak learning rate, cosine to 0 (default %(default)s)")
-    a("--seed", type=int, default=d.seed, help="seed of rewards, pi_ref, data and batches")
-    a("--reward-scale", type=float, default=d.reward_scale, help="r ~ scale * N(0, 1)")
-    a("--target", choices=("auto", "closed", "solver"), default=d.target,
-      help="predicted optimum: closed form where known (auto), or the exact-objective solver")
-    a("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-    a("--out", default="runs/lab_tabular",
-      help="folder for plots and report.md (default %(default)s)")
-    a("--no-plots", action="store_true", help="write no files")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--table", action="store_true",
-                      help="spo, spo_best_of_n, spo_ranked at alpha 0.5/1/2 and dpo (default "
-                      "beta), with the data/training flags given: a table and --out/report.md")
-    mode.add_argument("--sweep", action="store_true",
-                      help="entropy versus alpha (spo) and beta (dpo) at 0.25..4, with the "
-                      "data/training flags given: --out/alpha_sweep.png and report.md")
-
-
-def tabular_command(args: argparse.Namespace) -> int:
-    cfg = LabConfig(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma, k=args.k,
-                    contexts=args.contexts, n=args.n, data=args.data, sampler=args.sampler,
-                    pairs=args.pairs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    seed=args.seed, reward_scale=args.reward_scale, target=args.target)
-    resolve(cfg)  # every bad value fails here, before any work
-    out = None if args.no_plots else Path(args.out)
-    if args.table or args.sweep:
-        rows = (run_table if args.table else run_sweep)(cfg, out, echo=not args.json)
-        if args.json:
-            print(json.dumps({"runs": rows}))
-        return 0
-    result = run(cfg)
-    if out is not None:
-        from softpo.lab import plots
-
-        result["plot"] = str(plots.plot_probs(out / "probs.png", result))
-    summary = public(result)
-    print(json.dumps(summary) if args.json else format_result(summary))
-    return 0
-
-
-def format_result(r: dict) -> str:
-    size = "exact expected objective" if r["exact_objective"] else f"{r['pairs']:,} examples"
-    target = ("closed form" if r["target"] == "closed"
-              else f"solver, |grad| = {r['solver_grad_norm']:.1e}")
-    lines = [
-        f"softpo lab tabular: {r['loss']} on {r['data']} (n={r['n']}), K={r['k']}, "
-        f"{r['contexts']} context(s), alpha={r['alpha']:g}, beta={r['beta']:g}",
-        f"  data      {size}, {r['sampler']} sampler, seed {r['seed']}",
-        f"  training  Adam {r['steps']} steps x {r['batch_size']}, lr {r['lr']:g}, "
-        f"{r['train_seconds']:.1f} s (whole run {r['seconds']:.1f} s)",
-        f"  target    {target}",
-        f"  KL(pi || target)            {r['kl_to_target']:.5f} nats",
-        f"  KL(pi || softmax(r/alpha))  {r['kl_to_spo_target']:.5f} nats",
-        *([f"  expected KL from finite data alone: {r['expected_sampling_kl']:.5f} nats"]
-          if r["expected_sampling_kl"] is not None else []),
-        f"  entropy   learned {r['entropy']:.4f} | target {r['target_entropy']:.4f} | "
-        f"pi_ref {r['ref_entropy']:.4f} | uniform {math.log(r['k']):.4f}",
-    ]
-    if "plot" in r:
-        lines.append(f"  plot      {r['plot']}")
-    return "\n".join(lines)

@@ -193,23 +193,27 @@ def reward(prompt: str | list[dict[str, str]], response: str) -> float:
 
 # ---------------------------------------------------------------- exact success probability
 
-def success_probability(model, tokenizer, prompts: list, batch_size: int = 16) -> list[float]:
+def success_probability(model, tokenizer, prompts: list, batch_size: int = 16,
+                        data_cfg=None) -> list[float]:
     """Per prompt, the probability that one pure sample is a success, by teacher forcing:
 
         P(success | x) >= sum over forms y in {"c", "c."} of pi(y + end-of-turn | x)
 
     (each form in the tokenizer's own tokenisation; other tokenisations and whitespace variants
     also succeed but are not counted, so this is a lower bound, tight in practice). It has no
-    sampling noise: the mean over prompts is the expected success rate of a sampled evaluation."""
+    sampling noise: the mean over prompts is the expected success rate of a sampled evaluation.
+    Prompts are encoded as training encodes them (`softpo.collate.encode_prompt` with `data_cfg`,
+    default `DataConfig()`)."""
     import torch
 
+    from softpo.collate import encode_prompt
+    from softpo.config import DataConfig
     from softpo.logprobs import sequence_logps
-    from softpo.sampling import encode_prompts
 
+    data_cfg = data_cfg or DataConfig()
     rows = []  # (prompt index, prompt ids, response ids)
     for i, prompt in enumerate(prompts):
-        ids, mask = encode_prompts(tokenizer, [prompt])
-        prompt_ids = ids[0][mask[0].bool()].tolist()
+        prompt_ids = encode_prompt(prompt, tokenizer, data_cfg)
         c = str(answer_for(prompt))
         for form in (c, c + "."):
             rows.append((i, prompt_ids, tokenizer(form, add_special_tokens=False)["input_ids"]

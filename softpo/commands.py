@@ -1,0 +1,385 @@
+"""The command line's commands: each is a pair `<name>_arguments(parser)` / `<name>_command(args)`,
+named in `softpo.cli.COMMANDS`. Argument parsing lives here and nowhere in the library; a command
+reads its arguments, calls the library and prints.
+
+Imports are inside the functions, so that `softpo --help` and a command's `--help` start without
+loading torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from softpo.errors import UserError
+
+
+def _prompt_config(max_prompt_length: int):
+    """The `DataConfig` a command encodes prompts with (the one prompt encoder's settings)."""
+    from softpo.config import DataConfig
+
+    if max_prompt_length < 1:
+        raise UserError(f"--max-prompt-length must be >= 1, got {max_prompt_length}")
+    return DataConfig(max_prompt_length=max_prompt_length,
+                      max_length=max(DataConfig.max_length, max_prompt_length + 1))
+
+
+def _max_prompt_length_argument(p) -> None:
+    from softpo.config import DataConfig
+
+    p.add_argument("--max-prompt-length", type=int, default=DataConfig.max_prompt_length,
+                   help="prompts keep their last this many tokens, as in training "
+                   "(data.max_prompt_length; default %(default)s)")
+
+
+# ---------------------------------------------------------------- softpo train
+
+def train_arguments(p) -> None:
+    p.add_argument("config", help="YAML config (see docs/config.md)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dpo loss.beta=0.1")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+
+def train_command(args) -> int:
+    from softpo import checkpoint
+    from softpo.config import load_config
+    from softpo.errors import NonFiniteError
+    from softpo.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        cfg.train.resume = True
+    try:
+        trainer = Trainer(cfg)
+        metrics = trainer.train()
+    except (NonFiniteError, checkpoint.CheckpointError) as e:
+        raise UserError(str(e)) from None
+    if not trainer.acc.is_main_process:
+        return 0
+    keys = [k for k in ("loss", "rewards/accuracies", "eval_rewards/accuracies", "eval_pref_loss", "kl")
+            if k in metrics]
+    print("final: " + "  ".join(f"{k}={metrics[k]:.4f}" for k in keys))
+    print(f"model saved to {Path(cfg.train.output_dir) / 'final'}")
+    return 0
+
+
+# ---------------------------------------------------------------- softpo eval
+
+def eval_arguments(p) -> None:
+    p.add_argument("model", help="trained model folder (e.g. runs/x/final), hub name, tiny or default")
+    p.add_argument("--data", required=True, help="held-out preference file")
+    p.add_argument("--ref", help="reference model (enables implicit-reward accuracy and KL)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+
+def eval_command(args) -> int:
+    from softpo.collate import collate, pad_token_id, tokenize_examples
+    from softpo.config import DataConfig, ModelConfig
+    from softpo.data import load_preferences
+    from softpo.evaluation import preference_accuracy
+    from softpo.logprobs import Reference
+    from softpo.models import load_model, load_tokenizer
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if not 0 < args.max_prompt_length < args.max_length:
+        raise UserError("--max-prompt-length must be > 0 and < --max-length")
+    dcfg = DataConfig(train=args.data, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length)
+    mcfg = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(mcfg)
+    model = load_model(mcfg, tokenizer, seed=0).eval()
+    reference = None
+    if args.ref:
+        ref = load_model(ModelConfig(name_or_path=args.ref), tokenizer, seed=0).eval()
+        reference = Reference(ref, adapter_toggle=False)
+    examples, report = load_preferences(args.data, dcfg)
+    items = tokenize_examples(examples, tokenizer, dcfg, report)
+    pad, bs = pad_token_id(tokenizer), args.batch_size
+    batches = [collate(items[i:i + bs], pad) for i in range(0, len(items), bs)]
+    result = preference_accuracy(model, batches, reference)
+    print(json.dumps(result) if args.json else
+          "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+# ---------------------------------------------------------------- softpo sample
+
+def sample_arguments(p) -> None:
+    p.add_argument("model", help="model folder or hub name, `tiny` or `default`")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="prompt file (JSONL with `prompt`, or .txt one per line)")
+    p.add_argument("-n", "--num-samples", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap plain prompts as a user turn")
+    _max_prompt_length_argument(p)
+
+
+def sample_command(args) -> int:
+    from softpo.config import ModelConfig
+    from softpo.data import read_prompts
+    from softpo.models import load_model, load_tokenizer
+    from softpo.sampling import sample_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be >= 1")
+    data_cfg = _prompt_config(args.max_prompt_length)
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    cfg = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, seed=args.seed)
+    batch = sample_prompts(model, tokenizer, prompts, data_cfg, args.num_samples,
+                           args.max_new_tokens, args.seed)
+    for i, text in enumerate(batch.texts(tokenizer)):
+        print(f"[{i // args.num_samples}.{i % args.num_samples}] {text}")
+    return 0
+
+
+# ---------------------------------------------------------------- softpo losses
+
+def losses_arguments(p) -> None:
+    p.add_argument("--kind", choices=["pairs", "best_of_n", "ranked"], default=None,
+                   help="only losses that read this data kind")
+    p.add_argument("--module", help="import this module first (it registers more losses), as "
+                   "the config key loss.module does")
+
+
+def losses_command(args) -> int:
+    from softpo.config import import_problem
+    from softpo.losses import KL_ESTIMATORS, LOSSES
+
+    if args.module and (problem := import_problem(args.module)):
+        raise UserError(f"--module: {problem}")
+    specs = [s for s in LOSSES.values() if args.kind in (None, s.data_kind)]
+    print(f"{'loss':<15} {'data':<10} {'ref':<4} {'spo':<4} summary")
+    for s in specs:
+        print(f"{s.name:<15} {s.data_kind:<10} {'yes' if s.needs_ref else 'no':<4} "
+              f"{'yes' if s.is_spo else 'no':<4} {s.summary}")
+    print("\nKL estimators (regularizer.estimator):")
+    for name, fn in KL_ESTIMATORS.items():
+        print(f"  {name:<9} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+# ---------------------------------------------------------------- softpo data check
+
+def data_check_arguments(p) -> None:
+    from softpo.config import DataConfig
+
+    d = DataConfig()
+    p.add_argument("files", nargs="+", metavar="FILE", help="preference files, folders or hub names")
+    p.add_argument("--tokenizer", help="tokenizer name or path (`tiny`: the built-in byte "
+                   "tokenizer) for token-length statistics and truncation counts")
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
+    p.add_argument("--chat-template", choices=("auto", "never"), default=d.chat_template)
+    p.add_argument("--split", default=d.split, help="split of HF datasets")
+    p.add_argument("--skip-bad-rows", action="store_true", help="count bad rows instead of "
+                   "stopping at the first")
+
+
+def data_check_command(args) -> int:
+    from softpo.config import DataConfig
+    from softpo.data import load_preferences
+
+    cfg = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                     on_bad_rows="skip" if args.skip_bad_rows else "error",
+                     chat_template=args.chat_template, split=args.split)
+    if not 0 < cfg.max_prompt_length < cfg.max_length:
+        raise UserError("--max-prompt-length must be > 0 and < --max-length")
+    tokenizer = _check_tokenizer(args.tokenizer) if args.tokenizer else None
+    failed = False
+    for source in args.files:
+        try:
+            examples, report = load_preferences(source, cfg)
+            if tokenizer is not None:
+                from softpo.collate import tokenize_examples
+
+                tokenize_examples(examples, tokenizer, cfg, report)
+            print(report.summary())
+        except UserError as e:
+            print(f"softpo: error: {e}", file=sys.stderr)
+            failed = True
+    return 2 if failed else 0
+
+
+def _check_tokenizer(name: str):
+    """`tiny`: softpo's byte-level tokenizer; `default`, a local folder or a (cached) hub name."""
+    try:
+        from softpo.config import ModelConfig
+        from softpo.models import load_tokenizer
+    except ImportError as e:
+        raise UserError(f"cannot load tokenizer '{name}': {e}") from None
+    return load_tokenizer(ModelConfig(name_or_path=name))
+
+
+# ---------------------------------------------------------------- softpo models fetch-default
+
+def fetch_default_arguments(p) -> None:
+    p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+
+
+def fetch_default_command(args) -> int:
+    from softpo.models import fetch_default
+
+    print(fetch_default(force=args.force))
+    return 0
+
+
+# ---------------------------------------------------------------- softpo build-prefs
+
+def build_prefs_arguments(p) -> None:
+    from softpo.prefs import FORMATS, PAIRINGS
+
+    p.add_argument("--model", default="default",
+                   help="model that samples: folder, hub name, `tiny` or `default` (SmolLM2)")
+    src = p.add_argument_group("prompts (one source)")
+    src.add_argument("--prompts", help="prompt file: JSONL/JSON/CSV/Parquet with `prompt` (a "
+                     "string or messages), or .txt one per line")
+    src.add_argument("--task", help="a shipped task family (arithmetic, arithmetic-compare, "
+                     "arithmetic-sums): its prompts, and its reward when no expert is given")
+    src.add_argument("--split", default="train", help="task split: train or test")
+    src.add_argument("--num-prompts", type=int, default=64, help="prompts drawn from the task")
+    src.add_argument("--chat", action="store_true", help="wrap string prompts as a user turn")
+    _max_prompt_length_argument(src)
+    ex = p.add_argument_group("expert (one of)")
+    ex.add_argument("--expert", help="Python callable `module:function` (prompt, response) -> "
+                    "float, e.g. softpo.tasks.arithmetic:reward")
+    ex.add_argument("--reward-model", help="sequence-classification reward model (folder or hub "
+                    "name, safetensors)")
+    p.add_argument("-n", "--num-responses", type=int, default=4, help="responses per prompt (>= 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=FORMATS, default="pairs")
+    p.add_argument("--pairing", choices=PAIRINGS, default="bt",
+                   help="bt: labels sampled from Bradley-Terry / Luce / Plackett-Luce; "
+                   "best-worst: deterministic (best vs worst, argmax, sorted)")
+    p.add_argument("--bt-temperature", type=float, default=1.0,
+                   help="T in P(a > b) = sigmoid((r_a - r_b) / T)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1,
+                   help="bt pairs per prompt among responses with different rewards (0: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
+    p.add_argument("--out", required=True, help="output JSONL (a .summary.json is written beside)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _check_build_prefs(args) -> None:
+    if (args.prompts is None) == (args.task is None):
+        raise UserError("give exactly one prompt source: --prompts FILE or --task NAME")
+    checks = [(args.num_responses >= 2, f"-n/--num-responses must be >= 2, got {args.num_responses}"),
+              (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+              (args.batch_size >= 1, "--batch-size must be >= 1"),
+              (args.num_prompts >= 1, "--num-prompts must be >= 1"),
+              (args.pairs_per_prompt >= 0, "--pairs-per-prompt must be >= 0"),
+              (math.isfinite(args.bt_temperature) and args.bt_temperature > 0,
+               f"--bt-temperature must be > 0, got {args.bt_temperature}"),
+              (args.out.endswith(".jsonl"), f"--out must end in .jsonl, got '{args.out}'")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _prompts_and_expert(args) -> tuple[list, str | None, float | None]:
+    """The prompts, the expert spec to use (the task's reward when none is given) and, when that
+    is the task's reward, the task's success threshold."""
+    if args.prompts:
+        from softpo.data import read_prompts
+
+        return read_prompts(args.prompts), args.expert, None
+    from softpo.tasks import get_task
+
+    task = get_task(args.task)
+    expert = args.expert if args.expert or args.reward_model else task.reward_spec
+    threshold = task.success_threshold if expert == task.reward_spec else None
+    return task.make_prompts(args.split, args.num_prompts, args.seed), expert, threshold
+
+
+def build_prefs_command(args) -> int:
+    from softpo.config import ModelConfig
+    from softpo.hardware import default_device
+    from softpo.models import load_model, load_tokenizer
+    from softpo.prefs import build_preferences, summary_path, write_atomic, write_jsonl
+    from softpo.tasks.experts import load_scorer
+
+    _check_build_prefs(args)
+    data_cfg = _prompt_config(args.max_prompt_length)
+    prompts, expert, threshold = _prompts_and_expert(args)
+    device = default_device()
+    scorer, described = load_scorer(expert, args.reward_model, device=device)
+    cfg = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, seed=args.seed).to(device).eval()
+    began = time.perf_counter()
+    rows, stats = build_preferences(
+        model, tokenizer, prompts, scorer, n=args.num_responses, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, fmt=args.format, pairing=args.pairing, temperature=args.bt_temperature,
+        pairs_per_prompt=args.pairs_per_prompt, batch_size=args.batch_size, chat=args.chat,
+        progress=not args.no_progress, data_cfg=data_cfg)
+    elapsed = time.perf_counter() - began
+    if not rows:
+        raise UserError(f"no rows: the responses to all {stats.prompts} prompts tied or were too "
+                        "few (try more -n or a longer --max-new-tokens)")
+    out = Path(args.out)
+    write_jsonl(out, rows)
+    summary = {"out": str(out), "model": args.model, "expert": described, "format": args.format,
+               "pairing": args.pairing, "bt_temperature": args.bt_temperature,
+               "num_responses": args.num_responses, "max_new_tokens": args.max_new_tokens,
+               "max_prompt_length": args.max_prompt_length, "seed": args.seed,
+               "prompt_source": args.prompts or f"task {args.task}:{args.split}",
+               **stats.summary(threshold), "seconds": round(elapsed, 2)}
+    write_atomic(summary_path(out), json.dumps(summary, indent=2) + "\n")
+    print(f"softpo: wrote {stats.rows} {args.format} rows from {stats.prompts} prompts to {out} "
+          f"(reward mean {summary['reward_mean']:.3f}; skipped {stats.skipped_ties} all-tie and "
+          f"{stats.skipped_too_few} too-few prompts; {elapsed:.1f}s)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- softpo demo
+
+def demo_arguments(p) -> None:
+    from softpo.demo import DemoSettings
+
+    d = DemoSettings()
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--model", default=d.model, help="`default` (embedded SmolLM2-135M-Instruct), a "
+                   "hub name or folder, or `tiny` for a quick smoke run")
+    for name in ("train_prompts", "eval_prompts", "responses", "max_new_tokens", "eval_samples",
+                 "steps", "batch_size", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "spo_beta", "dpo_beta"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--task", default=d.task, help="shipped task family (softpo.tasks.TASKS)")
+    p.add_argument("--alphas", type=float, nargs="+", default=d.alphas)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def demo_command(args) -> int:
+    from softpo.demo import DemoSettings, results_table, run
+
+    s = DemoSettings(out=args.out, model=args.model, task=args.task, train_prompts=args.train_prompts,
+                     eval_prompts=args.eval_prompts, responses=args.responses,
+                     max_new_tokens=args.max_new_tokens, eval_samples=args.eval_samples,
+                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, alphas=args.alphas,
+                     spo_beta=args.spo_beta, dpo_beta=args.dpo_beta, seed=args.seed,
+                     progress=not args.no_progress)
+    ints = [s.train_prompts, s.eval_prompts, s.max_new_tokens, s.eval_samples, s.steps, s.batch_size]
+    if min(ints) < 1 or s.responses < 2 or s.lr <= 0 or min(s.alphas) <= 0 or s.dpo_beta <= 0 \
+            or s.spo_beta < 0:
+        raise UserError("demo settings must be positive (--responses >= 2, --alphas > 0)")
+    t0 = time.perf_counter()
+    results = run(s)
+    print()
+    print(results_table(results))
+    print(f"\nreport: {Path(s.out) / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
