@@ -24,6 +24,14 @@ TASKS: dict[str, tuple[str, dict, str]] = {
                            "larger or smaller of two numbers"),
     "arithmetic-sums": ("softpo.tasks.arithmetic", {"kinds": ("add", "sub")},
                         "sums and differences of numbers up to 20"),
+    "choices": ("softpo.tasks.choices", {},
+                "questions with many right answers (numbers in a range, primes, multiples, even "
+                "and odd numbers, letters of a word, months, days, planets, colours), in turn"),
+    "choices-numbers": ("softpo.tasks.choices",
+                        {"families": ("range", "primes", "multiples", "parity")},
+                        "name a number, prime, multiple of k, even or odd number in a range"),
+    "choices-words": ("softpo.tasks.choices", {"families": ("spelling", "words")},
+                      "name a letter of a word, a month, a day, a planet, a colour, a vowel"),
 }
 
 
