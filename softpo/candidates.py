@@ -53,10 +53,10 @@ from softpo.collate import TokenizedExample, collate, pad_token_id, tokenize_exa
 from softpo.config import DataConfig
 from softpo.data import PreferenceExample, Text, _Ctx, _text
 from softpo.errors import UserError
-from softpo.logprobs import (DEFAULT_CHUNK, ResponseStates, Rows, chunk_positions,
-                             has_plain_head, hf_model, packed_states, response_states,
-                             scatter_rows, score_tokens, token_logps)
-from softpo.packing import PackedRows, pack, packable_style
+from softpo.logprobs import (DEFAULT_CHUNK, ResponseStates, chunk_positions, packed_states,
+                             response_states, scatter_rows, score_tokens, token_logps)
+from softpo.models import has_plain_head, hf_model
+from softpo.packing import PackedRows, Rows, pack, packable_style
 from softpo.readers import BadRowError, _type_name, open_source
 
 LAYOUTS = ("padded", "packed")

@@ -13,7 +13,8 @@ from softpo.collate import collate
 from softpo.config import TinyModelConfig
 from softpo.errors import UserError
 from softpo.lab import seqmodel
-from softpo.logprobs import Rows, label_logps, response_states
+from softpo.logprobs import label_logps, response_states
+from softpo.packing import Rows
 from softpo.models import build_tiny_model, byte_tokenizer
 from softpo.sampling import sample
 from softpo.tasks import choices
