@@ -113,6 +113,7 @@ class Question:
 # ---------------------------------------------------------------- the families
 
 def is_prime(n: int) -> bool:
+    """True for 2, 3, 5, 7, 11, ... (trial division)."""
     return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
 
 
@@ -243,6 +244,9 @@ def _words(text: str) -> Question:
 
 @dataclass(frozen=True)
 class Family:
+    """A question family: how to build its questions, its question space, how to read one back
+    from its text, and the worked examples shown before its questions."""
+
     build: Callable[..., Question]  # params -> Question
     space: Callable[[], list[tuple]]  # every parameter tuple that may be asked
     pattern: re.Pattern  # question text -> parameters (as strings)
