@@ -284,10 +284,10 @@ def test_huge_learning_rate_stops_cleanly(capsys, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights(last / "model.safetensors").values())
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory) -> Trainer:
-    run = tmp_path_factory.mktemp("guard") / "run"
-    return Trainer(load_config(CONFIG, overrides(run, **{"train.max_steps": 100})))
+@pytest.fixture
+def trainer(tmp_path) -> Trainer:
+    """A fresh trainer for each test: none depends on what another did to its weights or state."""
+    return Trainer(load_config(CONFIG, overrides(tmp_path / "guard", **{"train.max_steps": 100})))
 
 
 def snapshot(t: Trainer) -> dict[str, torch.Tensor]:

@@ -1,15 +1,18 @@
 """The training stack on tiny local models: loss values through the whole stack, the regulariser's
-gradient, kill-and-resume, every baseline through the same command, and the run directory."""
+gradient, gradient accumulation, the learning-rate schedule, kill-and-resume, every baseline through
+the same command, and the run directory."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from softpo import cli
+from softpo.build import learning_rate
 from softpo.collate import TokenizedExample, collate
-from softpo.config import load_config
+from softpo.config import Config, load_config
 from softpo.losses import KL_ESTIMATORS, LOSSES, ListLogps, SampleLogps
 from softpo.trainer import StepStats, Trainer
 from softpo.tracking import read_metrics
@@ -140,13 +143,70 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_through_the_command(tmp_path, loss):
+    """Two logged steps per loss, each with a finite loss and gradient norm and no skipped
+    (non-finite) update, and the final model saved."""
     args = ["train", str(ROOT / "configs" / "tiny.yaml"),
             *tiny_overrides(tmp_path, **{"loss.name": loss, "train.max_steps": 2})]
     assert cli.main(args) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
-    assert train_rows and all(isinstance(r["loss"], float) for r in train_rows)
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for r in train_rows:  # metrics.jsonl writes a non-finite number as a string: both are caught
+        assert isinstance(r["loss"], float) and math.isfinite(r["loss"]), r
+        assert isinstance(r["grad_norm"], float) and math.isfinite(r["grad_norm"]), r
+        assert r["nonfinite_steps"] == 0.0, r
     assert (tmp_path / "run" / "final" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("loss,beta", [("spo", 0.3), ("dpo", 0.5)])
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, loss, beta):
+    """grad_accum = 2 micro-batches of 2 examples take the gradient of one batch of 4: the same
+    examples (stream positions 0..3 of step 0), each micro-batch's summed loss scaled by
+    1 / (2 * 2), the regulariser's surrogate (SPO, beta > 0) added once, on the same samples. The
+    gradient handed to clipping and the step's metrics agree up to float rounding (the
+    micro-batches are padded to other widths, so sums run in another order): 1e-5 of the largest
+    gradient entry, as in tests/test_step_equivalence.py."""
+    runs = {}
+    for accum, batch_size in ((1, 4), (2, 2)):
+        t = make_trainer(tmp_path / f"accum{accum}", **{
+            "loss.name": loss, "loss.beta": beta, "train.grad_accum": accum,
+            "train.batch_size": batch_size})
+        params = [p for p in t.scorer.parameters() if p.requires_grad]
+        seen, clip = {}, t._clip
+
+        def recording_clip(clip=clip, params=params, seen=seen):
+            seen["grads"] = [p.grad.clone() for p in params]
+            return clip()
+
+        t._clip = recording_clip
+        rows = [e.row for micro in range(accum) for e in t.micro_batch_items(0, micro)]
+        metrics = t.train_step()
+        runs[accum] = {"rows": rows, "grads": seen["grads"], "metrics": metrics}
+    one, two = runs[1], runs[2]
+    assert one["rows"] == two["rows"] and len(one["rows"]) == 4
+    scale = max(float(g.abs().max()) for g in one["grads"])
+    assert scale > 0
+    for a, b in zip(two["grads"], one["grads"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
+    for key in ("loss", "pref_loss", "grad_norm", "rewards/accuracies") + (("kl",) if beta and
+                                                                            loss == "spo" else ()):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_learning_rate_schedule_hand_values():
+    """Peak 1, 2 warmup steps, 6 steps: warmup (step + 1) / 2 = 0.5, 1; then progress
+    p = (step - 2) / 4: cosine 0.5 (1 + cos(pi p)) = 1, 0.8536, 0.5, 0.1464; linear 1 - p = 1,
+    0.75, 0.5, 0.25; constant 1. Without warmup, step 0 is the peak."""
+    cfg = Config()
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps = 1.0, 2, 6
+    want = {"cosine": [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                       0.5 * (1 + math.cos(3 * math.pi / 4))],
+            "linear": [0.5, 1.0, 1.0, 0.75, 0.5, 0.25], "constant": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]}
+    for scheduler, values in want.items():
+        cfg.optim.scheduler = scheduler
+        assert [learning_rate(cfg, step) for step in range(6)] == pytest.approx(values, abs=1e-12)
+    cfg.optim.warmup_steps, cfg.optim.scheduler = 0, "cosine"
+    assert learning_rate(cfg, 0) == 1.0 and learning_rate(cfg, 3) == pytest.approx(0.5)
 
 
 def test_tiny_run_learns_and_writes_its_run_directory(tmp_path):

@@ -1,0 +1,44 @@
+"""The benchmark drives softpo's Trainer through a few seams (bench/worker.py: its own row order via
+`micro_batch_items`, timed `refresh_samples`, `reg.samples`, `train_set`, `spec`, `scorer`, and the
+module attribute `logprobs.has_plain_head`). Two steps of the tiny case, with the regulariser and
+with the unchunked output layer, check that they still hold: this measures nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import worker
+from bench.cases import CASES, PAIRS, VARIANTS
+from softpo import logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory):
+    """The tiny case's model and rows, built once into a temporary cache."""
+    from bench import assets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOFTPO_CACHE", str(tmp_path_factory.mktemp("cache")))
+        case = CASES["tiny"]
+        yield case, assets.model_path(case), assets.data_path(case, worker.rows_needed(STEPS))
+
+
+STEPS = 2
+
+
+@pytest.mark.parametrize("variant", ["spo-reg", "spo-full-logits"])
+def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny_case, variant):
+    # the worker patches these for its (one) process; put them back afterwards
+    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
+    monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
+    case, model, data = tiny_case
+    r = worker.run_softpo(case, VARIANTS[variant], model, data, "fp32", STEPS, str(tmp_path))
+    assert len(r["ends"]) == STEPS + 1 and len(r["flops"]) == STEPS
+    assert all(f > 0 and math.isfinite(f) for f in r["flops"])
+    assert len(r["examples"]) >= STEPS * PAIRS
+    if variant == "spo-reg":  # the timed refresh ran at every step and saw the samples
+        assert all(s > 0 for s in r["sampling"])
+    if variant == "spo-full-logits":
+        assert logprobs.has_plain_head(None) is False  # the unchunked path was really taken
