@@ -21,10 +21,13 @@ STATE = "trainer_state.json"
 
 
 class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
     pass
 
 
 def step_dir(root: Path, step: int) -> Path:
+    """The folder of the checkpoint of step `step`."""
     return root / f"step-{step:07d}"
 
 
@@ -37,6 +40,7 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path, step: int) -> None:
+    """List every file of `directory` with its size and SHA-256 (written last)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
                for p in files}
@@ -54,6 +58,7 @@ def is_complete(directory: Path) -> bool:
 
 
 def latest_complete(root: Path) -> Path | None:
+    """The newest checkpoint whose manifest checks out, or None."""
     if not root.is_dir():
         return None
     candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
@@ -105,16 +110,19 @@ def save(root: Path, step: int, save_state, trainer_state: dict[str, Any], keep:
 
 
 def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints (keep 0: keep all)."""
     complete = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state(directory: Path) -> dict[str, Any]:
+    """The trainer state saved with a checkpoint."""
     return json.loads((directory / STATE).read_text())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)

@@ -37,6 +37,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and still exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Print the usage error as one line and exit with code 2."""
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 

@@ -38,12 +38,14 @@ def _max_prompt_length_argument(p) -> None:
 # ---------------------------------------------------------------- softpo train
 
 def train_arguments(p) -> None:
+    """`softpo train CONFIG [OVERRIDES...] [--resume]`."""
     p.add_argument("config", help="YAML config (see docs/config.md)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dpo loss.beta=0.1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
 
 
 def train_command(args) -> int:
+    """Train from the config and overrides; print the final metrics and where the model is."""
     from softpo import checkpoint
     from softpo.config import load_config
     from softpo.errors import NonFiniteError
@@ -69,6 +71,7 @@ def train_command(args) -> int:
 # ---------------------------------------------------------------- softpo eval
 
 def eval_arguments(p) -> None:
+    """`softpo eval MODEL --data FILE [--ref MODEL]`."""
     p.add_argument("model", help="trained model folder (e.g. runs/x/final), hub name, tiny or default")
     p.add_argument("--data", required=True, help="held-out preference file")
     p.add_argument("--ref", help="reference model (enables implicit-reward accuracy and KL)")
@@ -79,6 +82,7 @@ def eval_arguments(p) -> None:
 
 
 def eval_command(args) -> int:
+    """Preference accuracy (and, with a reference, implicit-reward accuracy) of a model."""
     from softpo.collate import collate, pad_token_id, tokenize_examples
     from softpo.config import DataConfig, ModelConfig
     from softpo.data import load_preferences
@@ -112,6 +116,7 @@ def eval_command(args) -> int:
 # ---------------------------------------------------------------- softpo sample
 
 def sample_arguments(p) -> None:
+    """`softpo sample MODEL --prompt TEXT | --prompts FILE`."""
     p.add_argument("model", help="model folder or hub name, `tiny` or `default`")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file (JSONL with `prompt`, or .txt one per line)")
@@ -123,6 +128,7 @@ def sample_arguments(p) -> None:
 
 
 def sample_command(args) -> int:
+    """Print k samples per prompt, prompts encoded as training encodes them."""
     from softpo.config import ModelConfig
     from softpo.data import read_prompts
     from softpo.models import load_model, load_tokenizer
@@ -149,6 +155,7 @@ def sample_command(args) -> int:
 # ---------------------------------------------------------------- softpo losses
 
 def losses_arguments(p) -> None:
+    """`softpo losses [--kind KIND] [--module MODULE]`."""
     p.add_argument("--kind", choices=["pairs", "best_of_n", "ranked"], default=None,
                    help="only losses that read this data kind")
     p.add_argument("--module", help="import this module first (it registers more losses), as "
@@ -156,6 +163,7 @@ def losses_arguments(p) -> None:
 
 
 def losses_command(args) -> int:
+    """Print the registered losses and KL estimators."""
     from softpo.config import import_problem
     from softpo.losses import KL_ESTIMATORS, LOSSES
 
@@ -175,6 +183,7 @@ def losses_command(args) -> int:
 # ---------------------------------------------------------------- softpo data check
 
 def data_check_arguments(p) -> None:
+    """`softpo data check FILE...`."""
     from softpo.config import DataConfig
 
     d = DataConfig()
@@ -190,6 +199,7 @@ def data_check_arguments(p) -> None:
 
 
 def data_check_command(args) -> int:
+    """Validate each source and print its report; exit code 2 if any failed."""
     from softpo.config import DataConfig
     from softpo.data import load_preferences
 
@@ -227,10 +237,12 @@ def _check_tokenizer(name: str):
 # ---------------------------------------------------------------- softpo models fetch-default
 
 def fetch_default_arguments(p) -> None:
+    """`softpo models fetch-default [--force]`."""
     p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
 
 
 def fetch_default_command(args) -> int:
+    """Convert the embedded SmolLM2 GGUF into the cache (once) and print the folder."""
     from softpo.models import fetch_default
 
     print(fetch_default(force=args.force))
@@ -240,6 +252,7 @@ def fetch_default_command(args) -> int:
 # ---------------------------------------------------------------- softpo build-prefs
 
 def build_prefs_arguments(p) -> None:
+    """`softpo build-prefs --prompts FILE | --task NAME --out FILE.jsonl ...`."""
     from softpo.prefs import FORMATS, PAIRINGS
 
     p.add_argument("--model", default="default",
@@ -306,6 +319,7 @@ def _prompts_and_expert(args) -> tuple[list, str | None, float | None]:
 
 
 def build_prefs_command(args) -> int:
+    """Sample, score and label; write the rows and a summary beside them."""
     from softpo.config import ModelConfig
     from softpo.hardware import default_device
     from softpo.models import load_model, load_tokenizer
@@ -348,6 +362,7 @@ def build_prefs_command(args) -> int:
 # ---------------------------------------------------------------- softpo demo
 
 def demo_arguments(p) -> None:
+    """`softpo demo` and the settings it varies."""
     from softpo.demo import DemoSettings
 
     d = DemoSettings()
@@ -365,6 +380,7 @@ def demo_arguments(p) -> None:
 
 
 def demo_command(args) -> int:
+    """Run the demo (softpo/demo.py) and print its table."""
     from softpo.demo import DemoSettings, results_table, run
 
     s = DemoSettings(out=args.out, model=args.model, task=args.task, train_prompts=args.train_prompts,

@@ -240,6 +240,7 @@ def _dotted_keys(values: dict, prefix: str = "") -> list[str]:
 
 
 def read_yaml(path: Path) -> dict:
+    """A config file's mapping of sections; one-line UserErrors for everything unreadable."""
     if not path.is_file():
         raise UserError("config file not found", source=str(path))
     try:
@@ -271,6 +272,7 @@ def parse_value(raw: str) -> Any:
 
 
 def merge(obj: Any, values: dict, source: str | None, prefix: str = "") -> None:
+    """Set every value of a nested mapping on the config `obj`, checking keys and types."""
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, str(key), None)):
@@ -280,6 +282,7 @@ def merge(obj: Any, values: dict, source: str | None, prefix: str = "") -> None:
 
 
 def set_dotted(obj: Any, key: str, value: Any, source: str | None, prefix: str = "") -> None:
+    """Set `a.b.c = value` on `obj`: unknown sections and keys and wrong types are UserErrors."""
     *parents, leaf = key.split(".")
     for part in parents:
         fields = _field_types(type(obj))
@@ -453,10 +456,12 @@ def import_problem(module: str) -> str | None:
 # ---------------------------------------------------------------- writing and documenting
 
 def to_dict(cfg: Any) -> dict:
+    """The config as nested plain dicts."""
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 

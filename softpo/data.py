@@ -58,6 +58,7 @@ class PreferenceExample:
 
     @property
     def is_chat(self) -> bool:
+        """Whether the example is a conversation."""
         return isinstance(self.prompt, list)
 
 
@@ -81,20 +82,24 @@ class DataReport:
 
     @property
     def num_bad(self) -> int:
+        """Bad rows seen, all reasons together."""
         return sum(self.bad_rows.values())
 
     def add_bad(self, error: BadRowError) -> None:
+        """Count a bad row (and keep its message among the first few)."""
         self.bad_rows[error.reason] += 1
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(str(error))
 
     def add_example(self, ex: PreferenceExample) -> None:
+        """Count a kept row."""
         self.kind = self.kind or ex.kind
         self.rows_kept += 1
         self.chat_rows += ex.is_chat
         self.responses_per_row[len(ex.responses)] += 1
 
     def summary(self) -> str:
+        """The report as the lines printed when training starts and by `softpo data check`."""
         per_row = ", ".join(f"{n} x{c}" for n, c in sorted(self.responses_per_row.items()))
         lines = [f"{self.source}: {self.kind}, {self.rows_read} rows read, {self.rows_kept} kept, "
                  f"{self.num_bad} bad; responses per row: {per_row or '-'}; "

@@ -289,6 +289,9 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 @dataclass
 class Scores:
+    """What one forward of the policy gives: per-token log-probs of the rows and of the samples,
+    and the exact per-position KL on the samples."""
+
     token_logps: Tensor  # (R, T) policy log-probs of the preference rows' response tokens, 0 elsewhere
     sample_token_logps: Tensor | None = None  # (S, T') same for the regulariser's sample rows
     sample_token_kl: Tensor | None = None  # (S, T') exact per-position KL(pi || ref), 0 elsewhere
@@ -313,6 +316,7 @@ class PolicyScorer(nn.Module):
 
     def forward(self, rows: Rows | PackedRows, samples: Rows | None = None, ref_sample_hidden: Tensor | None = None,
                 ref_head: Callable[[Tensor], Tensor] | None = None) -> Scores:
+        """Score the preference rows and, when given, the regulariser's samples."""
         device = rows.input_ids.device
         with self._ctx(device):
             if not has_plain_head(self.model):
@@ -354,6 +358,7 @@ class Reference:
 
     @torch.no_grad()
     def sequence_logps(self, rows: Rows | PackedRows) -> Tensor:  # (R,)
+        """Summed response log-probs of the rows under the reference."""
         if isinstance(rows, PackedRows):
             ctx = torch.autocast(rows.input_ids.device.type, dtype=torch.bfloat16) \
                 if self.autocast else nullcontext()
@@ -365,12 +370,14 @@ class Reference:
 
     @torch.no_grad()
     def token_logps(self, rows: Rows) -> Tensor:  # (R, T)
+        """Per-token log-probs of the rows' response tokens under the reference."""
         with self.disabled():
             return token_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
                                self.chunk_size, self.autocast)
 
     @torch.no_grad()
     def sample_hidden(self, samples: Rows) -> Tensor:  # (N, H)
+        """The reference's states that predict the samples' tokens."""
         ctx = torch.autocast(samples.input_ids.device.type, dtype=torch.bfloat16) \
             if self.autocast else nullcontext()
         with self.disabled(), ctx:
@@ -394,5 +401,6 @@ class Reference:
         return states.hidden, scatter_rows(values, states, tuple(samples.input_ids.shape))
 
     def head(self, hidden: Tensor) -> Tensor:  # (n, H) -> (n, V), no grad
+        """The reference's output layer applied to `hidden` (no grad)."""
         with torch.no_grad(), self.disabled():
             return hf_model(self.model).get_output_embeddings()(hidden)

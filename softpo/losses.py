@@ -60,23 +60,28 @@ class ListLogps:
 
     @property
     def policy_chosen_logps(self) -> Tensor:  # (B,)
+        """Column 0: the most preferred response."""
         return self.policy_logps[:, 0]
 
     @property
     def policy_rejected_logps(self) -> Tensor:  # (B,)
+        """Column 1: the other response of a pair."""
         return self.policy_logps[:, 1]
 
     @property
     def ref_chosen_logps(self) -> Tensor:  # (B,)
+        """The reference's log-probs of column 0."""
         assert self.ref_logps is not None, "this loss needs reference log-probs"
         return self.ref_logps[:, 0]
 
     @property
     def ref_rejected_logps(self) -> Tensor:  # (B,)
+        """The reference's log-probs of column 1."""
         assert self.ref_logps is not None, "this loss needs reference log-probs"
         return self.ref_logps[:, 1]
 
     def valid(self) -> Tensor:  # (B, n) bool
+        """Which responses are real (not padding)."""
         if self.mask is None:
             return torch.ones_like(self.policy_logps, dtype=torch.bool)
         return self.mask.bool()
@@ -84,12 +89,17 @@ class ListLogps:
 
 @dataclass
 class LossOutput:
+    """Per-example losses and detached per-example statistics."""
+
     losses: Tensor  # (B,) per-example losses; the objective is their mean
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached, each (B,)
 
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A registered loss: its function, the data it reads, whether it needs the reference, and
+    whether SPO's global KL regulariser applies."""
+
     name: str
     fn: Callable[[ListLogps, LossParams], LossOutput]
     data_kind: str  # "pairs" | "best_of_n" | "ranked": the data it reads by default
@@ -147,6 +157,8 @@ class SampleLogps:
 
 @dataclass
 class KLOutput:
+    """A global-KL estimator's surrogate (for the gradient) and its per-sample KL estimate."""
+
     surrogate: Tensor  # (P, k): grad of surrogate.mean() estimates grad KL(pi_theta || pi_ref)
     kl: Tensor  # (P, k) detached per-sample estimate of the sequence KL
 
@@ -413,6 +425,7 @@ def exact_token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 def register_kl(name: str, needs_token_kl: bool = False):
+    """Decorator: add a global-KL estimator `fn(SampleLogps) -> KLOutput` to the registry."""
     def wrap(fn: Callable[[SampleLogps], KLOutput]):
         KL_ESTIMATORS[name] = fn
         if needs_token_kl:

@@ -341,6 +341,7 @@ def cache_root() -> Path:
 
 
 def default_model_path() -> Path:
+    """Where the converted default model is cached."""
     return cache_root() / "models" / DEFAULT_NAME
 
 

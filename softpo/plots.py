@@ -38,6 +38,7 @@ def training_curves(runs: dict[str, Path], out: Path, keys=("pref_loss", "reward
 
 
 def reward_vs_kl(points: dict[str, tuple[float, float]], out: Path) -> Path:
+    """Each model's held-out reward against its KL to the reference."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     for name, (kl, reward) in points.items():
@@ -54,6 +55,7 @@ def reward_vs_kl(points: dict[str, tuple[float, float]], out: Path) -> Path:
 
 def entropy_vs_alpha(alphas: list[float], entropies: list[float], lines: dict[str, float],
                      out: Path) -> Path:
+    """SPO's sample entropy over alpha, the other methods as horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     order = sorted(range(len(alphas)), key=alphas.__getitem__)

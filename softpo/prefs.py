@@ -236,6 +236,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON Lines, atomically."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 

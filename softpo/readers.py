@@ -47,6 +47,8 @@ def _type_name(v: Any) -> str:
 
 
 class RowSource(NamedTuple):
+    """One source's rows: its name, its columns (tabular sources) and the numbered records."""
+
     name: str  # shown in messages
     columns: list[str] | None  # tabular sources: the column names (kind told once from them)
     rows: Iterator[tuple[int, Any]]  # (1-based row, record or BadRowError)
@@ -90,10 +92,12 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[int, Any]]:
 
 
 def read_jsonl(path: Path, name: str) -> RowSource:
+    """JSON Lines, streamed; row = 1-based line."""
     return RowSource(name, None, _jsonl_rows(path, name))
 
 
 def read_json(path: Path, name: str) -> RowSource:
+    """A JSON list of objects (or `{"data": [...]}`); row = 1-based record."""
     raw = path.read_bytes()
     try:
         data = json.loads(raw.decode("utf-8-sig"))
@@ -131,6 +135,7 @@ def _csv_cell(key: str, text: str) -> Any:
 
 
 def read_csv(path: Path, name: str) -> RowSource:
+    """CSV with a header; row = the line where the record starts."""
     bad_lines: dict[int, BadRowError] = {}
 
     def lines() -> Iterator[str]:
@@ -178,6 +183,7 @@ def read_csv(path: Path, name: str) -> RowSource:
 
 
 def read_parquet(path: Path, name: str) -> RowSource:
+    """Parquet, in record batches; row = 1-based record."""
     import pyarrow.parquet as pq
 
     try:

@@ -94,6 +94,7 @@ class RefLogpCache:
         return torch.tensor(values, dtype=torch.float32, device=input_ids.device)
 
     def save(self, path: Path, meta: dict) -> None:
+        """Write the table atomically to `path` with `meta`."""
         from safetensors.torch import save_file
 
         keys = sorted(self.table)
@@ -107,6 +108,7 @@ class RefLogpCache:
 
     @classmethod
     def load(cls, path: Path) -> "RefLogpCache":
+        """The table saved at `path`."""
         from safetensors.torch import load_file
 
         t = load_file(str(path))

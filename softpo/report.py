@@ -9,6 +9,7 @@ CARD_KEYS = ["loss", "pref_loss", "kl", "entropy", "rewards/accuracies", "reward
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats with 4 significant digits."""
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -18,6 +19,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def model_card(cfg: Config, metrics: dict[str, float]) -> str:
+    """The README.md of a trained model: what it is and its final metrics."""
     adapter = "a LoRA adapter for" if cfg.lora.enabled else "a fine-tune of"
     loss = cfg.loss.name
     knobs = f"alpha={cfg.loss.alpha}, beta={cfg.loss.beta}" if loss.startswith("spo") \

@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 class MetricsWriter:
+    """Writes metrics to TensorBoard and metrics.jsonl (main process only)."""
+
     def __init__(self, run_dir: Path, sinks: list[str], enabled: bool = True):
         self.enabled = enabled
         self.jsonl = None
@@ -24,6 +26,7 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record `metrics` at `step` (non-finite numbers as strings in JSON)."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
@@ -38,6 +41,7 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the sinks."""
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:

@@ -143,13 +143,22 @@ def test_a_model_of_ones_own_needs_its_tokenizer(tmp_path):
         softpo.Trainer(cfg, model=model)
 
 
-def test_an_unknown_loss_module_is_one_line_exit_2(capsys, tmp_path):
+def test_an_unknown_loss_module_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
     rc = cli.main(["train", str(ROOT / "configs" / "tiny.yaml"), "loss.module=no_such_losses",
                    f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and err == ("softpo: error: command line: config key 'loss.module': cannot "
                                "import 'no_such_losses': module 'no_such_losses' not found\n")
     assert cli.main(["losses", "--module", "no_such_losses"]) == 2
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    (tmp_path / "raising_losses.py").write_text("raise RuntimeError('boom')\n")
+    try:
+        assert cli.main(["losses", "--module", "raising_losses"]) == 2
+    finally:
+        sys.modules.pop("raising_losses", None)
+    assert capsys.readouterr().err == ("softpo: error: --module: importing 'raising_losses' "
+                                       "failed: RuntimeError: boom\n")
 
 
 def test_register_checks_the_data_kind():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def tabular_arguments(parser: argparse.ArgumentParser) -> None:
+    """`softpo lab tabular` and its flags."""
     from softpo.lab.tabular import DATA_KINDS, DPO_DEFAULT_BETA, LabConfig
 
     d = LabConfig()
@@ -55,6 +56,7 @@ def tabular_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tabular_command(args: argparse.Namespace) -> int:
+    """One tabular run, or the table or sweep; prints a summary or JSON."""
     from softpo.lab.tabular import LabConfig, public, resolve, run, run_sweep, run_table
 
     cfg = LabConfig(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma, k=args.k,
@@ -79,6 +81,7 @@ def tabular_command(args: argparse.Namespace) -> int:
 
 
 def format_tabular(r: dict) -> str:
+    """A tabular run's result as the lines `softpo lab tabular` prints."""
     size = "exact expected objective" if r["exact_objective"] else f"{r['pairs']:,} examples"
     target = ("closed form" if r["target"] == "closed"
               else f"solver, |grad| = {r['solver_grad_norm']:.1e}")
@@ -105,6 +108,7 @@ def format_tabular(r: dict) -> str:
 
 
 def sequence_arguments(parser: argparse.ArgumentParser) -> None:
+    """`softpo lab sequence` and its flags."""
     from softpo.lab.sequence import DATA_KINDS, DPO_FAMILY_BETA, SeqConfig
 
     d = SeqConfig()
@@ -141,11 +145,13 @@ def sequence_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-plots", action="store_true", help="write no files")
     a("--report", choices=("table", "seeds", "growth", "growth-large", "drift"), default=None,
       help="run an experiment of docs/lab.md instead of one run: table (SPO at alpha 0.5/1/2 and "
-      "the baselines), seeds (SPO at alpha 0.5/1/2 over seeds 0-4), growth (entropy as data grows), growth-large (the same on |Y| = 341), "
+      "the baselines), seeds (SPO at alpha 0.5/1/2 over seeds 0-4), growth (entropy as data "
+      "grows), growth-large (the same on |Y| = 341), "
       "drift (mass on unseen responses)")
 
 
 def sequence_command(args: argparse.Namespace) -> int:
+    """One sequence-lab run, or an experiment of docs/lab.md; prints a summary or JSON."""
     from softpo.lab.sequence import SeqConfig, public, resolve, run
 
     cfg = resolve(SeqConfig(
@@ -174,6 +180,7 @@ def sequence_command(args: argparse.Namespace) -> int:
 
 
 def format_sequence(r: dict) -> str:
+    """A sequence-lab run's result as the lines `softpo lab sequence` prints."""
     own = ("n/a" if r["kl_to_own_optimum"] is None
            else f"{r['kl_to_own_optimum']:.5f} nats ({r['own_optimum']}"
            + (f", |grad| {r['solver_grad_norm']:.1e})" if r["solver_grad_norm"] is not None

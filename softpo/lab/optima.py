@@ -60,15 +60,19 @@ DTYPE = torch.float64
 
 @dataclass(frozen=True)
 class Problem:
+    """Contexts x responses: the expert reward and the reference distribution."""
+
     rewards: Tensor  # (C, K) expert reward r(x, y)
     ref_logps: Tensor  # (C, K) log pi_ref(y|x), normalised
 
     @property
     def contexts(self) -> int:
+        """C, the number of contexts."""
         return self.rewards.shape[0]
 
     @property
     def k(self) -> int:
+        """K, the responses per context."""
         return self.rewards.shape[1]
 
 
@@ -83,6 +87,8 @@ def make_problem(contexts: int, k: int, seed: int, reward_scale: float = 1.0,
 
 @dataclass
 class Examples:
+    """Preference examples, sampled or enumerated with their probabilities."""
+
     ctx: Tensor  # (N,) context of each example
     resp: Tensor  # (N, n) responses in preference order, column 0 best
     weight: Tensor  # (N,) probability of each example; sums to 1
@@ -97,6 +103,7 @@ class Examples:
 
 
 def list_size(kind: str, n: int) -> int:
+    """Responses per example: 2 for pairs, n for best-of-n and ranked lists."""
     return 2 if kind == "pairs" else n
 
 
@@ -126,6 +133,7 @@ def sample_data(problem: Problem, kind: str, count: int, n: int, sampler: str,
 
 
 def enumerated_size(problem: Problem, kind: str, n: int) -> int:
+    """How many distinct examples the exact expected objective enumerates."""
     n = list_size(kind, n)
     outcomes = n if kind == "best_of_n" else factorial(n)
     return problem.contexts * comb(problem.k, n) * outcomes
@@ -245,11 +253,14 @@ def closed_form(name: str, problem: Problem, alpha: float, beta: float) -> Tenso
 
 
 def has_closed_form(name: str, alpha: float, beta: float) -> bool:
+    """Whether the loss's optimum has a closed form at these alpha, beta."""
     return closed_form(name, make_problem(1, 2, 0), alpha, beta) is not None
 
 
 @dataclass
 class Solution:
+    """The minimiser of an exact objective, found by the solver."""
+
     logps: Tensor  # (C, K) normalised log-probs of the minimiser
     grad_norm: float  # |grad J| at it
     iterations: int

@@ -66,6 +66,7 @@ def plot_sweep(path: Path, problem: Problem, rows: list[dict]) -> Path:
 
 
 def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """Rows of dicts as a Markdown table of `columns`."""
     head = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
@@ -74,6 +75,7 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 def write_report(path: Path, title: str, setup: str, table: str,
                  images: list[str] | None = None) -> Path:
+    """A Markdown report: title, setup line, table and images."""
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", "", setup, "", table, ""]
     parts += [f"![{name}]({name})\n" for name in images or []]

@@ -70,13 +70,16 @@ class Space:
 
     @property
     def eos_id(self) -> int:
+        """The id of <eos> (after the letters)."""
         return len(self.letters)
 
     @property
     def size(self) -> int:
+        """|Y|, the number of responses."""
         return len(self.strings)
 
     def lengths(self) -> Tensor:  # (Y,) response tokens, <eos> included
+        """Tokens of each response, <eos> included."""
         return torch.tensor([len(i) for i in self.ids], dtype=DTYPE)
 
     def index(self, ids: list[int]) -> int:
@@ -86,6 +89,7 @@ class Space:
 
 
 def make_space(letters: str = "abc", max_len: int = 3) -> Space:
+    """Every response of at most `max_len` letters, in shortlex order."""
     strings = tuple("".join(w) for k in range(max_len + 1) for w in product(letters, repeat=k))
     eos = len(letters)
     ids = tuple(tuple(letters.index(ch) for ch in s) + ((eos,) if len(s) < max_len else ())
@@ -143,12 +147,15 @@ class Scorer:
 
 @dataclass(frozen=True)
 class World:
+    """A world: responses, expert rewards and the distribution the reference is fitted to."""
+
     space: Space
     rewards: Tensor  # (Y,) expert reward r(y)
     sft_logps: Tensor  # (Y,) the known distribution the reference is fitted to
 
 
 def make_world(space: Space, seed: int, reward_scale: float = 1.0, ref_scale: float = 1.0) -> World:
+    """Rewards and the reference's target distribution, drawn from `seed`."""
     gen = torch.Generator().manual_seed(seed)
     rewards = reward_scale * torch.randn(space.size, generator=gen, dtype=DTYPE)
     sft = torch.log_softmax(ref_scale * torch.randn(space.size, generator=gen, dtype=DTYPE), 0)
@@ -182,4 +189,5 @@ def kl(logps: Tensor, other_logps: Tensor) -> float:
 
 
 def entropy(logps: Tensor) -> float:
+    """H(p) in nats for log-probs over Y."""
     return float(-(logps.exp() * logps).sum())

@@ -52,6 +52,8 @@ def seen(data: Examples, size: int) -> Tensor:
 
 @dataclass
 class Optimum:
+    """A loss's predicted optimum over Y: closed form, solver, or why it is missing."""
+
     logps: Tensor | None  # (Y,) log-probs, None where it could not be computed
     how: str  # "closed" | "solver" | reason it is missing
     grad_norm: float | None = None
@@ -59,6 +61,7 @@ class Optimum:
 
 def predicted_optimum(spec: LossSpec, params: LossParams, kind: str, n: int, rewards: Tensor,
                       ref_logps: Tensor, lengths: Tensor) -> Optimum:
+    """The optimum the loss should reach on this world: closed form where known, else solved."""
     prob = problem(rewards, ref_logps)
     if spec.is_spo and params.beta == 0:
         return Optimum(optima.spo_optimum(prob, params.alpha)[0], "closed")

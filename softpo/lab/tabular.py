@@ -38,6 +38,8 @@ DPO_DEFAULT_BETA = 1.0  # r ~ N(0, 1): beta = 1 puts DPO's optimum on the scale 
 
 @dataclass(frozen=True)
 class LabConfig:
+    """One tabular run (the flags of `softpo lab tabular`)."""
+
     loss: str = "spo"
     alpha: float = 1.0
     beta: float | None = None  # None: 0 for the SPO family, DPO_DEFAULT_BETA otherwise
@@ -90,6 +92,7 @@ def resolve(cfg: LabConfig) -> tuple[LabConfig, LossSpec]:
 
 
 def loss_params(cfg: LabConfig) -> LossParams:
+    """The loss hyper-parameters of a run."""
     return LossParams(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
 
 
@@ -193,6 +196,7 @@ def _run(cfg: LabConfig, spec: LossSpec) -> dict:
 
 
 def public(result: dict) -> dict:
+    """A result without its tensors (the keys starting with `_`)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 

@@ -61,6 +61,8 @@ WORDY_SPAN = 48  # extra characters over which partial credit falls from 0.5 to 
 
 @dataclass(frozen=True)
 class Kind:
+    """A question kind: its text, its operands and its answer."""
+
     template: str  # question text with {a} and {b}
     operands: Callable[[], list[tuple[int, int]]]  # the question space
     answer: Callable[[int, int], int]
@@ -69,6 +71,7 @@ class Kind:
 
     @property
     def pattern(self) -> re.Pattern:
+        """The regular expression that reads the operands back from a question."""
         escaped = re.escape(self.template).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")
         return re.compile(escaped)
 
