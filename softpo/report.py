@@ -30,6 +30,7 @@ def model_card(cfg: Config, metrics: dict[str, float]) -> str:
         "tags: [softpo, preference-optimization, " + loss + "]", "---", "",
         f"# {loss} model trained with softpo", "",
         f"This is {adapter} `{cfg.model.name_or_path}`, aligned with `{loss}` ({knobs}) on "
-        f"`{cfg.data.train}` for {cfg.train.max_steps} steps.", "",
+        f"{f'`{cfg.data.train}`' if cfg.data.train else 'data given in Python'} for "
+        f"{cfg.train.max_steps} steps.", "",
         "## Final metrics", "", markdown_table(["metric", "value"], rows), "",
         "The resolved training config is in `config.yaml`.", ""])
