@@ -397,6 +397,107 @@ def measure_bench_cpu(out: Path) -> dict:
     return {"commands": cmds, "bench": found}
 
 
+DEMO_COLUMNS = (("reward", "expert reward"), ("success", "success rate"), ("kl", "KL to ref (nats)"),
+                ("entropy", "entropy (nats/seq)"), ("distinct_1", "distinct-1"),
+                ("distinct_2", "distinct-2"), ("length", "tokens"))
+
+
+def _precision(res: dict) -> str:
+    m = res["machine"]
+    return ("bf16 autocast (this processor has " + ", ".join(m["bf16_flags"]) + ")"
+            if m["fast_bf16"] else "float32 (this processor has no fast bf16)")
+
+
+@block("demo", "demo-seed0")
+def render_demo_seed0(res: dict) -> str:
+    seed0 = res["seeds"]["0"]
+    rows = [{"model": r["name"], **{label: r["metrics"].get(k) for k, label in DEMO_COLUMNS}}
+            for r in seed0["results"]]
+    return "\n".join([
+        table(rows, ("model", *(label for _, label in DEMO_COLUMNS))), "",
+        f"Seed 0; `make demo` took {seed0['seconds'] / 60:.1f} min here (model conversion "
+        f"cached), forwards in {_precision(res)}. {provenance(res)}"])
+
+
+@block("demo", "demo-seeds")
+def render_demo_seeds(res: dict) -> str:
+    import statistics
+
+    names = [r["name"] for r in res["seeds"]["0"]["results"]]
+    rows, per_model = [], {n: [] for n in names}
+    for seed, run in sorted(res["seeds"].items()):
+        ref = next(r["metrics"]["success"] for r in run["results"] if r["name"] == "reference")
+        row = {"seed": seed}
+        for r in run["results"]:
+            s = r["metrics"]["success"]
+            per_model[r["name"]].append(s)
+            row[r["name"]] = f"{s:.3f}" if r["name"] == "reference" else f"{s:.3f} ({s - ref:+.3f})"
+        rows.append(row)
+    mean = {"seed": "mean (sd)"}
+    for n, values in per_model.items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean[n] = f"{statistics.fmean(values):.3f} ({sd:.3f})"
+    rows.append(mean)
+    return "\n".join([table(rows, ("seed", *names)), "", commands(res)])
+
+
+@block("bench-cpu", "bench-cpu-short")
+def render_bench_short(res: dict) -> str:
+    t = res["bench"]["cpu-gpt2-86m"]["tables"]["gpt2-86m"]
+    cpo, dpo = t["trl-cpo"], t["trl-dpo"]
+    label = {"trl-dpo": "TRL DPOTrainer", "trl-cpo": "TRL CPOTrainer (= SPO's pairwise term)",
+             "spo": "softpo SPO", "spo-shared-prompt": "softpo SPO, shared prompt",
+             "spo-reg": "softpo SPO + global KL, sampled every step",
+             "spo-reg-every4": "softpo SPO + global KL, sampled every 4 steps",
+             "dpo": "softpo DPO", "dpo-cached": "softpo DPO, cached reference log-probs"}
+    rows = []
+    for v, name in label.items():
+        if v not in t:
+            continue
+        a = t[v]
+        vs = "" if v.startswith("trl") else (
+            f"{cpo['step'] / a['step']:.2f}x CPO, {dpo['step'] / a['step']:.2f}x DPO")
+        rows.append({"": name, "s/step": f"{a['step']:.1f}", "pairs/s vs TRL": vs,
+                     "peak RSS GB": f"{a['rss_gb']:.2f}", "MFU": f"{a['mfu']:.0%}"})
+    return "\n".join([table(rows, ("", "s/step", "pairs/s vs TRL", "peak RSS GB", "MFU")), "",
+                      f"MFU: model FLOPs per second over the matmul peak measured in the same run "
+                      f"({res['bench']['cpu-gpt2-86m']['peaks'].get('fp32', 0):.0f} GFLOP/s fp32). "
+                      f"{provenance(res)}", "", commands(res)])
+
+
+@block("bench-cpu", "bench-cpu")
+def render_bench(res: dict) -> str:
+    from bench.cases import CASES, RATIOS, VARIANTS
+
+    out = []
+    for name, found in res["bench"].items():
+        for case, t in found["tables"].items():
+            peak = found["peaks"].get("fp32", 0)
+            out += [f"**{case}** ({CASES[case].summary}), float32, matmul peak in the run "
+                    f"{peak:.0f} GFLOP/s:", "",
+                    "| variant | s/step | pairs/s | peak RSS GB | GFLOP/s | MFU | sampling share | runs |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for v in sorted(t, key=lambda n: list(VARIANTS).index(n)):
+                a = t[v]
+                out.append(f"| {v} | {a['step']:.2f} | {a['pairs_s']:.2f} | {a['rss_gb']:.2f} | "
+                           f"{a['gflops']:.1f} | {a['mfu']:.0%} | {a['sampling']:.0%} | {a['runs']} |")
+            ratios = []
+            for num, den, kind, want in RATIOS:
+                if num in t and den in t and want is not None:
+                    a, b = t[num], t[den]
+                    value = {"speed": b["step"] / a["step"], "time": a["step"] / b["step"],
+                             "memory": a["rss_gb"] / b["rss_gb"]}[kind]
+                    ok = value >= want if kind == "speed" else value <= want
+                    what = {"speed": "pairs/s", "time": "step time", "memory": "peak memory"}[kind]
+                    ratios.append(f"| {num} / {den} | {what} | {value:.2f}x | "
+                                  f"{'>=' if kind == 'speed' else '<='} {want} | "
+                                  f"{'met' if ok else 'NOT met'} |")
+            if ratios:
+                out += ["", "| ratio | of | measured | target | |", "|---|---|---|---|---|", *ratios]
+            out.append("")
+    return "\n".join(out + [provenance(res), "", commands(res)])
+
+
 # ------------------------------------------------------------------------ running and rendering
 
 def measure(name: str, out: Path | None = None) -> dict:
