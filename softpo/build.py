@@ -30,7 +30,8 @@ def loss_params(cfg: Config) -> LossParams:
     """The loss hyper-parameters of `cfg.loss`."""
     c = cfg.loss
     return LossParams(alpha=c.alpha, beta=c.beta, gamma=c.gamma, label_smoothing=c.label_smoothing,
-                      simpo_gamma=c.simpo_gamma, cpo_alpha=c.cpo_alpha, rdpo_alpha=c.rdpo_alpha)
+                      simpo_gamma=c.simpo_gamma, cpo_alpha=c.cpo_alpha, rdpo_alpha=c.rdpo_alpha,
+                      f_divergence=c.f_divergence)
 
 
 def needs_reference(cfg: Config, spec: LossSpec) -> bool:

@@ -107,13 +107,15 @@ class LossConfig:
     """The loss from the registry and its hyper-parameters (`softpo losses` lists the losses)."""
 
     name: str = doc("spo", "Loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, rdpo, "
-                    "cdpo, robust_dpo, hinge, simpo, cpo, orpo (`softpo losses` lists them), or "
-                    "one that `loss.module` registers.")
+                    "cdpo, robust_dpo, hinge, simpo, cpo, orpo, hdpo, fdpo (`softpo losses` lists "
+                    "them), or one that `loss.module` registers.")
     module: str | None = doc(None, "Python module imported before `loss.name` is looked up, e.g. "
                              "`mypkg.losses`: it adds losses with `softpo.losses.register` "
                              "(see docs/python.md). Installed modules first, then the working "
                              "directory.")
-    alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). Must be > 0.")
+    alpha: float = doc(1.0, "SPO softness: the optimum is softmax(reward / alpha). H-DPO (hdpo): "
+                       "the entropy coefficient, optimum (pi_ref exp(reward / beta))^(1/alpha) "
+                       "(1 is DPO). Must be > 0.")
     beta: float = doc(0.1, "SPO: weight of the global KL regulariser (0 turns it off). DPO family: "
                       "the inverse temperature beta. ORPO: lambda.")
     gamma: float = doc(0.0, "Weighted SPO: sharpness of the weights mu (0 gives mu = 1).")
@@ -121,6 +123,8 @@ class LossConfig:
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
     cpo_alpha: float = doc(1.0, "CPO weight of the behaviour-cloning (NLL) term.")
     rdpo_alpha: float = doc(0.0, "R-DPO length penalty coefficient.")
+    f_divergence: str = doc("reverse_kl", "f-DPO (fdpo): the divergence to the reference, as TRL's "
+                            "f_divergence_type: reverse_kl (DPO), forward_kl or js_divergence.")
     precompute_ref_logps: bool = doc(False, "Reference-based losses (dpo, ipo, ...): compute the "
                                      "reference log-probs of every train/eval response once before "
                                      "training and read them from a cache instead of running the "
@@ -427,8 +431,10 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     if cfg.loss.module:
         problem = import_problem(cfg.loss.module)
         need(problem is None, "loss.module", problem or "")
-    from softpo.losses import LOSSES  # late import: `import softpo.config` stays free of torch
+    from softpo.losses import F_DIVERGENCES, LOSSES  # late: `import softpo.config` stays torch-free
 
+    need(cfg.loss.f_divergence in F_DIVERGENCES, "loss.f_divergence",
+         f"must be one of {', '.join(F_DIVERGENCES)}, got {cfg.loss.f_divergence!r}")
     need(cfg.loss.name in LOSSES, "loss.name",
          f"unknown loss '{cfg.loss.name}' (known: {', '.join(sorted(LOSSES))})")
     need(LOSSES[cfg.loss.name].is_spo or cfg.loss.beta > 0, "loss.beta",

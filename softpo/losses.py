@@ -14,7 +14,7 @@ Conventions
 Which `ListLogps` fields each loss reads
 ----------------------------------------
 * always `policy_logps`; `mask` only by spo_best_of_n / spo_ranked (pairs use columns 0 and 1).
-* `ref_logps`: dpo, cdpo, robust_dpo, ipo, hinge, rdpo (`LossSpec.needs_ref`).
+* `ref_logps`: dpo, cdpo, robust_dpo, ipo, hinge, rdpo, hdpo, fdpo (`LossSpec.needs_ref`).
 * `lengths` (tokens per response, clamped to >= 1): ipo, rdpo, simpo, cpo (its NLL), orpo, and the
   three SPO losses when `gamma != 0` (the weights mu).
 
@@ -47,6 +47,7 @@ class LossParams:
     simpo_gamma: float = 0.5  # SimPO target margin
     cpo_alpha: float = 1.0  # CPO behaviour-cloning weight
     rdpo_alpha: float = 0.0  # R-DPO length penalty
+    f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl (DPO), forward_kl or js_divergence
 
 
 @dataclass
@@ -361,6 +362,73 @@ def rdpo(lp: ListLogps, p: LossParams) -> LossOutput:
     """
     n = _lengths(lp)
     return _dpo_like(lp, p, lambda h: -F.logsigmoid(p.beta * h - p.rdpo_alpha * (n[:, 0] - n[:, 1])))
+
+
+@register("hdpo", data_kind="pairs", needs_ref=True)
+def hdpo(lp: ListLogps, p: LossParams) -> LossOutput:
+    """H-DPO / soft preference learning: -log sigmoid(beta (alpha (pw - pl) - (rw - rl))).
+
+    Omura, Fujita, Kataoka 2024, "Entropy Controllable Direct Preference Optimization" (arXiv
+    2411.07595): the reverse KL of RLHF, KL(pi || ref) = -H(pi) + H(pi, ref), gets an entropy
+    coefficient alpha:  max_pi E_pi[r] - beta (-alpha H(pi) + H(pi, ref)).  Its maximiser is
+        pi*(y|x) ∝ (pi_ref(y|x) exp(r(x,y) / beta))^(1/alpha),
+    so r = beta (alpha log pi* - log pi_ref) + c(x), and Bradley-Terry on that reward gives
+    l = -log sigmoid(beta ((alpha pw - rw) - (alpha pl - rl))).  alpha < 1 sharpens (the paper's
+    mode-seeking setting), alpha > 1 flattens, alpha = 1 is `dpo` exactly.  Soft Preference
+    Learning (Slocum, Parker-Sartori, Hadfield-Menell, ICLR 2025, arXiv 2511.08594) decouples the
+    same two terms as E[r] + a H(pi) - b H(pi, ref), optimum ∝ pi_ref^(b/a) exp(r/a): this loss with
+    alpha = a / b, beta = b.  Rewards (logged) beta (alpha logp - ref).  No TRL loss_type.
+    """
+    pw, pl = _pair(lp)
+    sw = p.alpha * pw - _hp(lp.ref_chosen_logps).detach()  # (B,)
+    sl = p.alpha * pl - _hp(lp.ref_rejected_logps).detach()  # (B,)
+    return _baseline(-F.logsigmoid(p.beta * (sw - sl)), p.beta * sw, p.beta * sl, lp)
+
+
+def _f_prime_reverse_kl(u: Tensor) -> Tensor:
+    return u
+
+
+def _f_prime_forward_kl(u: Tensor) -> Tensor:
+    return -torch.exp(-u)
+
+
+def _f_prime_js(u: Tensor) -> Tensor:
+    return F.logsigmoid(u) + math.log(2)
+
+
+# f'(pi / ref) as a function of the log-ratio u = log pi - log ref, up to an additive constant
+F_DIVERGENCES: dict[str, Callable[[Tensor], Tensor]] = {
+    "reverse_kl": _f_prime_reverse_kl,  # f(t) = t log t:  f'(t) = log t + 1
+    "forward_kl": _f_prime_forward_kl,  # f(t) = -log t:   f'(t) = -1/t
+    "js_divergence": _f_prime_js,  # f(t) = t log t - (t + 1) log((t + 1)/2):  f'(t) = log(2t/(1+t))
+}
+
+
+@register("fdpo", data_kind="pairs", needs_ref=True)
+def fdpo(lp: ListLogps, p: LossParams) -> LossOutput:
+    """f-DPO: -log sigmoid(beta (f'(pi_w/ref_w) - f'(pi_l/ref_l))), f = loss.f_divergence.
+
+    Wang, Jiang, Yang, Liu, Chen 2023, "Beyond Reverse KL: Generalizing Direct Preference
+    Optimization with Diverse Divergence Constraints" (arXiv 2309.16240): RLHF with an f-divergence
+    D_f(pi || ref) = E_ref[f(pi/ref)] instead of the reverse KL has the maximiser
+        f'(pi*(y|x) / pi_ref(y|x)) = (r(x,y) - c(x)) / beta,
+    so r = beta f'(pi/ref) + c(x), and Bradley-Terry gives the loss above.  With u = log(pi/ref):
+        reverse_kl     f'(t) = log t + 1        score u                 (`dpo` exactly)
+        forward_kl     f'(t) = -1/t             score -exp(-u)          (KL(ref || pi): covers modes)
+        js_divergence  f'(t) = log(2t/(1+t))    score log 2 + log sigmoid(u)
+    Additive constants in f' cancel in the difference (TRL's forward_kl uses 1 - 1/t).  TRL:
+    DPOTrainer(loss_type="sigmoid", f_divergence_type=f, beta).  Rewards (logged) beta (logp - ref)
+    as TRL logs them; pref_prob is the loss's own sigmoid(beta (s_w - s_l)).
+    """
+    if p.f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"fdpo: unknown f_divergence {p.f_divergence!r} "
+                         f"(known: {', '.join(F_DIVERGENCES)})")
+    score = F_DIVERGENCES[p.f_divergence]
+    pw, pl, cw, cl = _pair(lp, ref=True)
+    z = p.beta * (score(cw) - score(cl))  # (B,)
+    rw, rl = p.beta * cw, p.beta * cl
+    return LossOutput(-F.logsigmoid(z), _stats(rw, rl, pw, pl, rw > rl, torch.sigmoid(z)))
 
 
 @register("simpo", data_kind="pairs", needs_ref=False)

@@ -133,6 +133,8 @@ OVERRIDES = {
     "train.max_nonfinite_steps=0": "command line: config key 'train.max_nonfinite_steps': must "
                                    "be >= 1",
     "loss={alpha: -2}": "command line: config key 'loss.alpha': must be > 0, got -2.0",
+    "loss.f_divergence=tv": "command line: config key 'loss.f_divergence': must be one of "
+                            "reverse_kl, forward_kl, js_divergence, got 'tv'",
 }
 
 

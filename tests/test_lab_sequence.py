@@ -152,6 +152,40 @@ def test_solver_recovers_the_closed_forms():
     assert seqmodel.kl(dpo.logps, torch.log_softmax(ref + r / 1.5, 0)) < 1e-12
 
 
+def test_hdpo_closed_form_is_what_the_solver_finds():
+    """H-DPO's exact expected objective is minimised at (pi_ref exp(r / beta))^(1/alpha),
+    normalised; `predicted_optimum` returns that closed form.  alpha = 0.6 < 1 is sharper than DPO's
+    optimum at the same beta (lower entropy), alpha = 1 is DPO's."""
+    r, ref, lengths, data = _small_problem()
+    params = LossParams(alpha=0.6, beta=1.5)
+    closed = seqoptima.predicted_optimum(get_loss("hdpo"), params, "pairs", 2, r, ref, lengths)
+    assert closed.how == "closed"
+    assert seqmodel.kl(closed.logps, torch.log_softmax((ref + r / 1.5) / 0.6, 0)) < 1e-15
+    solved = seqoptima.solve(get_loss("hdpo"), params, data, ref, lengths, ref)
+    assert solved.grad_norm < 1e-8 and seqmodel.kl(solved.logps, closed.logps) < 1e-12
+    entropy = lambda logp: float(-(logp.exp() * logp).sum())  # noqa: E731
+    assert entropy(closed.logps) < entropy(torch.log_softmax(ref + r / 1.5, 0))
+    one = seqoptima.predicted_optimum(get_loss("hdpo"), LossParams(alpha=1.0, beta=1.5), "pairs",
+                                      2, r, ref, lengths)
+    assert seqmodel.kl(one.logps, torch.log_softmax(ref + r / 1.5, 0)) < 1e-15
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence"])
+def test_fdpo_optimum_satisfies_f_prime_of_the_ratio_equals_reward(divergence):
+    """f-DPO's optimum (Wang et al. 2023): beta f'(pi*/pi_ref) = r - c, one constant c for all
+    responses.  The solver's minimiser of the exact objective has beta * score(log pi - log ref) - r
+    constant to 1e-6, and differs from DPO's optimum."""
+    from softpo.losses import F_DIVERGENCES
+
+    r, ref, lengths, data = _small_problem()
+    params = LossParams(beta=0.4, f_divergence=divergence)
+    sol = seqoptima.predicted_optimum(get_loss("fdpo"), params, "pairs", 2, r, ref, lengths)
+    assert sol.how == "solver" and sol.grad_norm < 1e-8
+    gap = 0.4 * F_DIVERGENCES[divergence](sol.logps - ref) - r
+    assert float(gap.max() - gap.min()) < 1e-6
+    assert seqmodel.kl(sol.logps, torch.log_softmax(ref + r / 0.4, 0)) > 1e-2
+
+
 def test_solver_with_global_kl_matches_the_tabular_solver():
     """SPO with beta > 0 reads no lengths, so this solver and the tabular lab's damped Newton
     minimise the same J = E[l] + beta KL(pi || pi_ref); their optima agree, and differ from both

@@ -140,6 +140,85 @@ def test_label_smoothing_zero_and_rdpo_zero_are_dpo():
     assert not torch.allclose(loss("rdpo", lp, beta=0.3, rdpo_alpha=0.1).losses, ref)
 
 
+def test_hdpo_hand_value():
+    """H-DPO on BASE (pw = -2, pl = -3, rw = rl = -2.5, beta = 0.5), alpha = 0.5:
+    s_w = alpha pw - rw = -1 + 2.5 = 1.5, s_l = alpha pl - rl = -1.5 + 2.5 = 1.0;
+    l = -log sigmoid(beta (s_w - s_l)) = softplus(-0.25) = log(1 + e^-0.25) = log(1.778801)
+    = 0.575939.  Rewards beta s = (0.75, 0.5), pref_prob sigmoid(0.25) = 0.562177."""
+    out = loss("hdpo", pairs(**BASE), beta=0.5, alpha=0.5)
+    assert out.losses.item() == pytest.approx(0.575939, abs=1e-6)
+    assert (out.stats["rewards/chosen"].item(), out.stats["rewards/rejected"].item()) == (0.75, 0.5)
+    assert out.stats["pref_prob"].item() == pytest.approx(0.562177, abs=1e-6)
+
+
+def test_hdpo_at_alpha_one_is_dpo():
+    """alpha = 1: beta ((pw - rw) - (pl - rl)) = DPO's logit; losses, gradients and statistics are
+    DPO's.  Any other alpha changes the loss."""
+    def run(name, alpha):
+        lp = pairs([-2.0, -1.0, -8.0], [-3.0, -4.0, -2.0], [-2.5, -1.2, -7.0], [-2.0, -3.0, -2.5])
+        out = loss(name, lp, beta=0.3, alpha=alpha)
+        out.losses.sum().backward()
+        return out, lp.policy_logps.grad
+    (d, dg), (h, hg) = run("dpo", 1.0), run("hdpo", 1.0)
+    assert torch.equal(h.losses, d.losses) and torch.equal(hg, dg)
+    assert all(torch.equal(h.stats[k], d.stats[k]) for k in d.stats)
+    for alpha in (0.5, 2.0):
+        assert not torch.allclose(run("hdpo", alpha)[0].losses, d.losses)
+
+
+# f-DPO batch: pw = -2, pl = -3, rw = rl = -3: log-ratios u_w = 1, u_l = 0, beta = 0.5.
+FDPO = dict(pw=-2.0, pl=-3.0, rw=-3.0, rl=-3.0)
+
+
+@pytest.mark.parametrize("divergence,expected,pref", [
+    # reverse KL: scores u: beta (1 - 0) = 0.5, softplus(-0.5); pref sigmoid(0.5)
+    ("reverse_kl", 0.474077, 0.622459),
+    # forward KL: scores -e^-u: -e^-1 - (-1) = 0.632121, beta * = 0.316060,
+    #   softplus(-0.316060) = log(1 + 0.729016) = 0.547552; pref sigmoid(0.316060) = 0.578364
+    ("forward_kl", 0.547552, 0.578364),
+    # JS: scores log 2 + log sigmoid(u): log sigmoid(1) - log sigmoid(0) = -0.313262 + 0.693147
+    #   = 0.379885, beta * = 0.189943, softplus(-0.189943) = log(1 + 0.827006) = 0.602679;
+    #   pref sigmoid(0.189943) = 0.547343
+    ("js_divergence", 0.602679, 0.547343),
+])
+def test_fdpo_hand_values(divergence, expected, pref):
+    out = loss("fdpo", pairs(**FDPO), beta=0.5, f_divergence=divergence)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+    assert out.stats["pref_prob"].item() == pytest.approx(pref, abs=1e-6)
+    # rewards as TRL logs them for every f: beta (logp - ref) = (0.5, 0)
+    assert (out.stats["rewards/chosen"].item(), out.stats["rewards/rejected"].item()) == (0.5, 0.0)
+
+
+def test_fdpo_reverse_kl_is_dpo_and_the_others_are_not():
+    """f(t) = t log t has f'(t) = log t + 1: the score is the log-ratio and the constant cancels,
+    so `fdpo` with its default f_divergence is `dpo` (loss, gradient, statistics)."""
+    def run(name, **params):
+        lp = pairs([-2.0, -1.0, -8.0], [-3.0, -4.0, -2.0], [-2.5, -1.2, -7.0], [-2.0, -3.0, -2.5])
+        out = loss(name, lp, beta=0.3, **params)
+        out.losses.sum().backward()
+        return out, lp.policy_logps.grad
+    (d, dg), (f, fg) = run("dpo"), run("fdpo")
+    assert LossParams().f_divergence == "reverse_kl"
+    assert torch.allclose(f.losses, d.losses, atol=1e-15) and torch.allclose(fg, dg, atol=1e-15)
+    assert all(torch.allclose(f.stats[k], d.stats[k], atol=1e-15) for k in d.stats)
+    for divergence in ("forward_kl", "js_divergence"):
+        assert not torch.allclose(run("fdpo", f_divergence=divergence)[0].losses, d.losses)
+    with pytest.raises(ValueError, match="unknown f_divergence"):
+        run("fdpo", f_divergence="tv")
+
+
+def test_fdpo_scores_are_f_prime_of_the_ratio():
+    """The scores are f'(t) at t = pi/ref up to a constant: forward KL f(t) = -log t gives -1/t;
+    JS f(t) = t log t - (t+1) log((t+1)/2) gives log(2t/(1+t)); checked by a finite difference."""
+    u = torch.tensor([-1.5, -0.2, 0.0, 0.7, 2.0], dtype=D)
+    t, eps = u.exp(), 1e-6
+    fs = {"forward_kl": lambda t: -torch.log(t),
+          "js_divergence": lambda t: t * t.log() - (t + 1) * ((t + 1) / 2).log()}
+    for name, f in fs.items():
+        numeric = (f(t + eps) - f(t - eps)) / (2 * eps)
+        assert torch.allclose(L.F_DIVERGENCES[name](u), numeric, atol=1e-8), name
+
+
 def test_orpo_safe_near_probability_one():
     """avg logp -> 0 means odds -> infinity; the loss stays finite, gradients too."""
     lp = pairs([-1e-9, -1e-3], [-5.0, -1e-9], nw=[3, 3], nl=[3, 3])
@@ -354,7 +433,8 @@ def test_registry_metadata():
     spo = {n for n, s in LOSSES.items() if s.is_spo}
     assert spo == {"spo", "spo_best_of_n", "spo_ranked"}
     assert not any(LOSSES[n].needs_ref for n in spo | {"simpo", "cpo", "orpo"})
-    assert all(LOSSES[n].needs_ref for n in ("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "rdpo"))
+    assert all(LOSSES[n].needs_ref for n in ("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "rdpo",
+                                             "hdpo", "fdpo"))
     assert {LOSSES[n].data_kind for n in LOSSES} == {"pairs", "best_of_n", "ranked"}
     with pytest.raises(KeyError, match="unknown loss"):
         L.get_loss("nope")

@@ -6,6 +6,8 @@ registered loss) must give the same loss and the same gradient:
 
 * DPO:  TRL `DPOTrainer(loss_type="sigmoid", beta=b)` computes
         mean_i -log sigmoid(b * ((pi_w - ref_w) - (pi_l - ref_l))), softpo's `dpo` the same sum / B.
+* f-DPO: TRL `DPOTrainer(loss_type="sigmoid", f_divergence_type=f)` and softpo's `fdpo` with
+        `loss.f_divergence=f` (forward_kl, js_divergence): the same loss and gradient.
 * SPO:  TRL `CPOTrainer(loss_type="sigmoid", cpo_alpha=0, beta=a)` computes
         mean_i -log sigmoid(a * (pi_w - pi_l)); softpo's `spo` is -(1/a) log sigmoid(a * (pi_w - pi_l)),
         so   softpo_loss * a == trl_loss   and   softpo_grad * a == trl_grad
@@ -27,6 +29,7 @@ datasets = pytest.importorskip("datasets")
 
 from softpo.collate import TokenizedExample, collate  # noqa: E402
 from softpo.config import load_config  # noqa: E402
+from softpo.losses import ListLogps, LossParams, get_loss  # noqa: E402
 from softpo.trainer import StepStats, Trainer  # noqa: E402
 
 # Lengths differ on purpose: chosen longer in some rows, rejected longer in others (padding matters).
@@ -35,7 +38,7 @@ ROWS = [{"prompt": f"How was the {thing}?", "chosen": f" It was {good}.", "rejec
                                  ("book", "kind", "dull"), ("lake", "calm and clear today", "dirty")]]
 
 
-def softpo_trainer(tmp_path, loss: str, **extra) -> Trainer:
+def softpo_trainer(tmp_path, loss: str, noise: float = 0.05, **extra) -> Trainer:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     overrides = {"data.train": data, "data.eval_fraction": 0, "data.max_length": 64,
@@ -46,7 +49,7 @@ def softpo_trainer(tmp_path, loss: str, **extra) -> Trainer:
     with torch.no_grad():  # move the policy off the reference so that log-ratios are not zero
         g = torch.Generator().manual_seed(1)
         for p in t.policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            p.add_(noise * torch.randn(p.shape, generator=g))
     return t
 
 
@@ -82,11 +85,12 @@ def assert_grads_close(got: dict, want: dict, factor: float = 1.0) -> None:
     assert any(w.abs().sum() > 0 for w in want.values())
 
 
-def test_dpo_equals_trl_dpo_trainer(tmp_path):
+def trl_dpo_trainer(tmp_path, t: Trainer, **config):
+    """TRL's DPOTrainer on copies of softpo's policy and reference, and the batch it collates,
+    as TRL's items and as softpo's examples (softpo's own tokenisation is checked to agree)."""
     from trl import DPOConfig, DPOTrainer
 
-    t = softpo_trainer(tmp_path, "dpo", **{"loss.beta": 0.3})
-    args = DPOConfig(**common_args(tmp_path), beta=0.3, loss_type="sigmoid")
+    args = DPOConfig(**common_args(tmp_path), loss_type="sigmoid", **config)
     trainer = DPOTrainer(model=copy.deepcopy(t.acc.unwrap_model(t.scorer).model),
                          ref_model=copy.deepcopy(t.reference.model), args=args,
                          train_dataset=datasets.Dataset.from_list(ROWS), processing_class=t.tokenizer)
@@ -95,12 +99,77 @@ def test_dpo_equals_trl_dpo_trainer(tmp_path):
                                  "pairs", "rows", i, r["prompt"]) for i, r in enumerate(items)]
     for ours, theirs in zip(t.train_set, examples):  # softpo's own tokenisation gives TRL's ids
         assert (ours.prompt_ids, ours.response_ids) == (theirs.prompt_ids, theirs.response_ids)
+    return trainer, items, examples
 
+
+def test_dpo_equals_trl_dpo_trainer(tmp_path):
+    t = softpo_trainer(tmp_path, "dpo", **{"loss.beta": 0.3})
+    trainer, items, examples = trl_dpo_trainer(tmp_path, t, beta=0.3)
     want_loss, want_grads = trl_loss_and_grads(trainer, items)
     got_loss, got_grads = softpo_loss_and_grads(t, examples)
     torch.testing.assert_close(got_loss, want_loss, rtol=2e-6, atol=1e-6)
     assert_grads_close(got_grads, want_grads)
     assert float(want_loss) > 0.05  # a real, non-degenerate loss value
+
+
+def capture_trl_logps(trainer) -> dict:
+    """Hooks that keep TRL's per-token log-probs (policy with its gradient, reference) of the
+    next forward: rows [chosen..., rejected...], zero off the completion."""
+    got = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, out):
+            if name == "policy":
+                out.log_probs.retain_grad()
+            got[name] = out.log_probs
+        return hook
+    trainer.model.register_forward_hook(keep("policy"), with_kwargs=True)
+    trainer.ref_model.register_forward_hook(keep("ref"), with_kwargs=True)
+    return got
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence"])
+def test_fdpo_equals_trl_dpo_trainer_with_f_divergence(tmp_path, divergence):
+    """f-DPO: TRL `DPOTrainer(loss_type="sigmoid", f_divergence_type=f)` computes
+    mean_i -log sigmoid(b (s(u_w) - s(u_l))) with s = f' of the ratio (forward KL 1 - e^-u, JS
+    log 2 + log sigmoid(u)); softpo's `fdpo` with loss.f_divergence = f the same up to constants in
+    s that cancel.
+
+    1. On TRL's own summed log-probs of this batch, softpo's `fdpo` gives TRL's loss and TRL's
+       gradient with respect to each sequence's log-prob, to float32 round-off.  With the DPO test
+       above (same forward, same log-probs and their gradients in the model) this is the parity of
+       the whole gradient, by the chain rule.
+    2. End to end through `Trainer.forward_loss` (the config key reaches the loss): the losses agree
+       to 5e-5 relative, and differ from DPO's by more than 1e-3.  The tolerance is wider than DPO's
+       because the two code paths sum float32 log-probs of about -150 in different orders (round-off
+       ~1e-5) and s' = e^-u (forward KL) multiplies it; the policy is moved less off the reference
+       (noise 0.01) to keep e^-u near 1.
+    """
+    t = softpo_trainer(tmp_path, "fdpo", noise=0.01,
+                       **{"loss.beta": 0.3, "loss.f_divergence": divergence})
+    trainer, items, examples = trl_dpo_trainer(tmp_path, t, beta=0.3, f_divergence_type=divergence)
+    got = capture_trl_logps(trainer)
+    want_loss, _ = trl_loss_and_grads(trainer, items)
+    B = len(items)
+    policy = got["policy"].detach().sum(1).view(2, B).T.contiguous()  # (B, 2) chosen, rejected
+    ref = got["ref"].detach().sum(1).view(2, B).T.contiguous()  # (B, 2)
+    # TRL sums each row of log_probs, so every entry of a row has the row's d loss / d logp
+    row_grads = got["policy"].grad  # (2B, T)
+    assert torch.equal(row_grads, row_grads[:, :1].expand_as(row_grads))
+    trl_grad = row_grads[:, 0].view(2, B).T  # (B, 2)
+    lp = ListLogps(policy.clone().requires_grad_(), torch.ones_like(policy), ref_logps=ref)
+    ours = get_loss("fdpo").fn(lp, LossParams(beta=0.3, f_divergence=divergence)).losses.mean()
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), want_loss, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lp.policy_logps.grad, trl_grad, rtol=1e-5, atol=1e-7)
+    assert float(trl_grad.abs().min()) > 1e-3  # every sequence carries gradient
+
+    got_loss, _ = softpo_loss_and_grads(t, examples)
+    torch.testing.assert_close(got_loss, want_loss, rtol=5e-5, atol=0)
+    (tmp_path / "dpo").mkdir()
+    dpo = softpo_trainer(tmp_path / "dpo", "dpo", noise=0.01, **{"loss.beta": 0.3})
+    dpo_loss, _ = softpo_loss_and_grads(dpo, examples)
+    assert abs(float(dpo_loss) - float(got_loss)) > 1e-3  # the divergence really changed the loss
 
 
 def cpo_examples(items: list[dict]) -> list[TokenizedExample]:

@@ -37,6 +37,8 @@ Predicted optima (DESIGN.md section 1.2)
   minimised at the same point.
 * DPO: the same argument with d = beta (h_a - h_b), h = log pi/pi_ref, gives
   pi* ∝ pi_ref exp(r / beta).
+* H-DPO: d = beta (alpha (theta_a - theta_b) - (ref_a - ref_b)) = r_a - r_b gives
+  pi* ∝ (pi_ref exp(r / beta))^(1/alpha).
 * Anything else (SPO with beta > 0, IPO, hinge, ...): no closed form here; `solve` finds it.
 """
 
@@ -234,6 +236,11 @@ def dpo_optimum(problem: Problem, beta: float) -> Tensor:
     return torch.log_softmax(problem.ref_logps + problem.rewards / beta, -1)
 
 
+def hdpo_optimum(problem: Problem, alpha: float, beta: float) -> Tensor:
+    """log of (pi_ref * exp(r / beta))^(1/alpha), normalised: H-DPO's optimum under Bradley-Terry."""
+    return torch.log_softmax((problem.ref_logps + problem.rewards / beta) / alpha, -1)
+
+
 def _spo_closed(problem: Problem, alpha: float, beta: float) -> Tensor | None:
     return spo_optimum(problem, alpha) if beta == 0 else None
 
@@ -243,6 +250,7 @@ CLOSED_FORMS: dict[str, Callable[[Problem, float, float], Tensor | None]] = {
     "spo_best_of_n": _spo_closed,
     "spo_ranked": _spo_closed,
     "dpo": lambda problem, alpha, beta: dpo_optimum(problem, beta),
+    "hdpo": hdpo_optimum,
 }
 
 

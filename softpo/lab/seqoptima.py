@@ -10,6 +10,7 @@ Predicted optima (what each loss converges to with unlimited data)
 -------------------------------------------------------------------
     SPO family, beta = 0     softmax(r / alpha)                  independent of pi_ref
     DPO                      pi_ref exp(r / beta), normalised
+    H-DPO                    (pi_ref exp(r / beta))^(1/alpha), normalised
     anything else            argmin over pi of the exact expected objective
                                  J(pi) = E_data[ l(pi; example) ] + [SPO: beta KL(pi || pi_ref)],
                              the expectation summed over every possible example with its
@@ -67,6 +68,8 @@ def predicted_optimum(spec: LossSpec, params: LossParams, kind: str, n: int, rew
         return Optimum(optima.spo_optimum(prob, params.alpha)[0], "closed")
     if spec.name == "dpo":
         return Optimum(optima.dpo_optimum(prob, params.beta)[0], "closed")
+    if spec.name == "hdpo":
+        return Optimum(optima.hdpo_optimum(prob, params.alpha, params.beta)[0], "closed")
     if optima.enumerated_size(prob, kind, n) > optima.MAX_ENUMERATED:
         return Optimum(None, "too many examples to enumerate")
     data = optima.enumerate_data(prob, kind, n, "ref")

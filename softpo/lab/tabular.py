@@ -6,6 +6,7 @@ Plackett-Luce rankings; see `softpo.lab.optima`), through the registered loss fu
 everything is enumerable, the lab reports the exact KL(pi_theta || pi*) to the predicted optimum:
     SPO, beta = 0    pi* = softmax(r / alpha)               (independent of pi_ref)
     DPO              pi* ∝ pi_ref exp(r / beta)
+    H-DPO            pi* ∝ (pi_ref exp(r / beta))^(1/alpha)
     anything else    the minimiser of the exact expected objective, by a deterministic solver
                      (`--target solver` forces it, so that closed form and solver can be compared).
 `--pairs 0` trains on the exact expected objective instead of a sample (full-batch Adam).
