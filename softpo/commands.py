@@ -281,7 +281,12 @@ def build_prefs_arguments(p) -> None:
     p.add_argument("--bt-temperature", type=float, default=1.0,
                    help="T in P(a > b) = sigmoid((r_a - r_b) / T)")
     p.add_argument("--pairs-per-prompt", type=int, default=1,
-                   help="bt pairs per prompt among responses with different rewards (0: all)")
+                   help="bt pairs per prompt among responses with different rewards (with "
+                   "--keep-ties: among all pairs; 0: all)")
+    p.add_argument("--keep-ties", action="store_true",
+                   help="compare tied responses too, labelled by a fair coin (Bradley-Terry at "
+                   "equal rewards): bt draws among all pairs, best-worst adds a pair of two tied "
+                   "best responses, all-tie prompts give rows (softpo/prefs.py)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
     p.add_argument("--out", required=True, help="output JSONL (a .summary.json is written beside)")
     p.add_argument("--no-progress", action="store_true")
@@ -339,7 +344,7 @@ def build_prefs_command(args) -> int:
         model, tokenizer, prompts, scorer, n=args.num_responses, max_new_tokens=args.max_new_tokens,
         seed=args.seed, fmt=args.format, pairing=args.pairing, temperature=args.bt_temperature,
         pairs_per_prompt=args.pairs_per_prompt, batch_size=args.batch_size, chat=args.chat,
-        progress=not args.no_progress, data_cfg=data_cfg)
+        progress=not args.no_progress, data_cfg=data_cfg, keep_ties=args.keep_ties)
     elapsed = time.perf_counter() - began
     if not rows:
         raise UserError(f"no rows: the responses to all {stats.prompts} prompts tied or were too "
@@ -348,6 +353,7 @@ def build_prefs_command(args) -> int:
     write_jsonl(out, rows)
     summary = {"out": str(out), "model": args.model, "expert": described, "format": args.format,
                "pairing": args.pairing, "bt_temperature": args.bt_temperature,
+               "keep_ties": args.keep_ties,
                "num_responses": args.num_responses, "max_new_tokens": args.max_new_tokens,
                "max_prompt_length": args.max_prompt_length, "seed": args.seed,
                "prompt_source": args.prompts or f"task {args.task}:{args.split}",

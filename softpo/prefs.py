@@ -19,9 +19,28 @@ Labels (`--pairing`) are either sampled from the expert's choice model or determ
   reward. Ties are broken uniformly at random.
 
 Responses with identical text are kept once (a row may not prefer a text to itself) and empty
-responses are dropped. A prompt whose responses all tie (or that has fewer than two distinct
-responses) gives no row and is counted. Pairs come from responses with different rewards only: a
-tie states no preference. The same arguments give the same file: batch b of prompts is sampled
+responses are dropped. A prompt with fewer than two distinct responses gives no row and is counted.
+
+Ties. By default a tie states no preference: pairs come from responses with different rewards only,
+and a prompt whose responses all tie gives no row (counted). Then no pair ever compares two correct
+answers, and nothing teaches the policy how to share its mass among equally good responses. With
+`keep_ties` (`--keep-ties`) tied responses are compared as Bradley-Terry says equal rewards are,
+P(a > b) = sigmoid(0) = 1/2, a fair coin:
+
+* `bt` pairs are drawn among all pairs, tied ones included; a tied pair's label is the fair coin
+  (the same sigmoid draw as every other pair).
+* `best-worst` pairs: the (best, worst) pair as before (when the rewards differ) and, when at least
+  two responses tie for the best reward, one more pair of two of them, chosen uniformly, its order a
+  fair coin. So a prompt with several right answers also yields a right-versus-right pair; a prompt
+  whose responses all tie yields that pair alone.
+* best-of-n and ranked rows already put tied responses in uniformly random order (`bt`: the Luce /
+  Plackett-Luce draw with equal weights; `best-worst`: random tie-breaks); with `keep_ties` a
+  prompt whose responses all tie also gives a row (a uniformly random winner, a uniformly random
+  order) instead of being skipped.
+
+Without `keep_ties` the rows are exactly those of earlier versions. `BuildStats.tied` counts the
+rows that hold a tie (a pair of equal rewards; a list with two equal rewards). The same arguments
+give the same file: batch b of prompts is sampled
 with seed `seed + first prompt index`, and each prompt's labels with a generator seeded by (seed,
 prompt index). Prompts are encoded by the one prompt encoder training uses
 (`softpo.collate.encode_prompt`, with the `DataConfig` given), so each response is trained after
@@ -67,19 +86,19 @@ def _argmax_ties_random(values: list[float], rng: random.Random) -> int:
 
 
 def label_pairs(rewards: list[float], pairing: str, temperature: float, rng: random.Random,
-                pairs_per_prompt: int = 1) -> list[tuple[int, int]]:
-    """(winner, loser) index pairs among responses with different rewards.
+                pairs_per_prompt: int = 1, keep_ties: bool = False) -> list[tuple[int, int]]:
+    """(winner, loser) index pairs among responses with different rewards (all pairs with
+    `keep_ties`).
 
-    best-worst: one pair, a best and a worst response. bt: `pairs_per_prompt` distinct unordered
-    pairs drawn uniformly (0: all of them), each labelled by a Bradley-Terry coin flip."""
+    best-worst: a best and a worst response; with `keep_ties` also two tied best responses in
+    fair-coin order (module docstring). bt: `pairs_per_prompt` distinct unordered pairs drawn
+    uniformly (0: all of them), each labelled by a Bradley-Terry coin flip (a fair coin for a tie)."""
     candidates = [(i, j) for i in range(len(rewards)) for j in range(i + 1, len(rewards))
-                  if rewards[i] != rewards[j]]
+                  if keep_ties or rewards[i] != rewards[j]]
     if not candidates:
         return []
     if pairing == "best-worst":
-        best = _argmax_ties_random(rewards, rng)
-        worst = _argmax_ties_random([-r for r in rewards], rng)
-        return [(best, worst)]
+        return _best_worst_pairs(rewards, rng, keep_ties)
     if 0 < pairs_per_prompt < len(candidates):
         candidates = rng.sample(candidates, pairs_per_prompt)
     labelled = []
@@ -87,6 +106,22 @@ def label_pairs(rewards: list[float], pairing: str, temperature: float, rng: ran
         a_wins = rng.random() < bt_probability(rewards[i], rewards[j], temperature)
         labelled.append((i, j) if a_wins else (j, i))
     return labelled
+
+
+def _best_worst_pairs(rewards: list[float], rng: random.Random,
+                      keep_ties: bool) -> list[tuple[int, int]]:
+    """(a best, a worst) when the rewards differ; with `keep_ties` and two or more responses tied
+    for the best, also a uniformly chosen pair of them in fair-coin order."""
+    pairs = []
+    if len(set(rewards)) > 1:
+        best = _argmax_ties_random(rewards, rng)
+        worst = _argmax_ties_random([-r for r in rewards], rng)
+        pairs.append((best, worst))
+    top = [i for i, r in enumerate(rewards) if r == max(rewards)]
+    if keep_ties and len(top) >= 2:
+        i, j = rng.sample(top, 2)
+        pairs.append((i, j) if rng.random() < 0.5 else (j, i))
+    return pairs
 
 
 def label_best(rewards: list[float], pairing: str, temperature: float, rng: random.Random) -> int:
@@ -110,14 +145,16 @@ def label_ranking(rewards: list[float], pairing: str, temperature: float,
 
 
 def make_rows(prompt: Any, texts: list[str], rewards: list[float], fmt: str, pairing: str,
-              temperature: float, rng: random.Random, pairs_per_prompt: int = 1) -> list[dict]:
-    """Rows for one prompt from its distinct responses and their rewards ([] if all tie)."""
-    if len(texts) < 2 or len(set(rewards)) < 2:
+              temperature: float, rng: random.Random, pairs_per_prompt: int = 1,
+              keep_ties: bool = False) -> list[dict]:
+    """Rows for one prompt from its distinct responses and their rewards ([] if all tie, unless
+    `keep_ties`)."""
+    if len(texts) < 2 or (len(set(rewards)) < 2 and not keep_ties):
         return []
     if fmt == "pairs":
+        labelled = label_pairs(rewards, pairing, temperature, rng, pairs_per_prompt, keep_ties)
         return [{"prompt": prompt, "chosen": texts[w], "rejected": texts[l],
-                 "chosen_reward": rewards[w], "rejected_reward": rewards[l]}
-                for w, l in label_pairs(rewards, pairing, temperature, rng, pairs_per_prompt)]
+                 "chosen_reward": rewards[w], "rejected_reward": rewards[l]} for w, l in labelled]
     if fmt == "best_of_n":
         best = label_best(rewards, pairing, temperature, rng)
         return [{"prompt": prompt, "responses": texts, "best": best, "rewards": rewards}]
@@ -139,6 +176,7 @@ class BuildStats:
     empty: int = 0
     unfinished: int = 0  # cut at max_new_tokens before an end-of-sequence token
     skipped_ties: int = 0  # prompts whose distinct responses all have the same reward
+    tied: int = 0  # rows holding a tie: a pair of equal rewards, a list with two equal rewards
     skipped_too_few: int = 0  # prompts with fewer than two distinct non-empty responses
     rewards: list[float] = field(default_factory=list)  # every sampled response, duplicates included
 
@@ -173,11 +211,12 @@ def distinct_responses(texts: list[str]) -> tuple[list[str], list[int]]:
 def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_new_tokens: int,
                       seed: int, fmt: str = "pairs", pairing: str = "bt", temperature: float = 1.0,
                       pairs_per_prompt: int = 1, batch_size: int = 8, chat: bool = False,
-                      progress: bool = True, data_cfg: DataConfig | None = None
-                      ) -> tuple[list[dict], BuildStats]:
+                      progress: bool = True, data_cfg: DataConfig | None = None,
+                      keep_ties: bool = False) -> tuple[list[dict], BuildStats]:
     """Sample n responses per prompt, score the distinct ones, label them; rows and stats.
     With `chat`, string prompts become one user message (in the rows too: they were sampled so).
-    Prompts are encoded as a run with `data_cfg` (default: `DataConfig()`) will encode them."""
+    Prompts are encoded as a run with `data_cfg` (default: `DataConfig()`) will encode them.
+    `keep_ties`: tied responses are compared too, by a fair coin (module docstring)."""
     from tqdm.auto import tqdm
 
     if fmt not in FORMATS or pairing not in PAIRINGS or n < 2 or not temperature > 0:
@@ -199,7 +238,9 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
             rewards = [next(scores) for _ in kept]
             _count(stats, kept, where, rewards)
             rng = random.Random(f"build-prefs:{seed}:{start + p}")
-            new = make_rows(prompt, kept, rewards, fmt, pairing, temperature, rng, pairs_per_prompt)
+            new = make_rows(prompt, kept, rewards, fmt, pairing, temperature, rng, pairs_per_prompt,
+                            keep_ties)
+            stats.tied += sum(map(has_tie, new))
             if not new:
                 stats.skipped_too_few += len(kept) < 2
                 stats.skipped_ties += len(kept) >= 2
@@ -211,6 +252,13 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
                         rows=len(rows))
     bar.close()
     return rows, stats
+
+
+def has_tie(row: dict) -> bool:
+    """Whether a row compares equal rewards: a pair of equal rewards, or a list with two equal."""
+    if "chosen_reward" in row:
+        return row["chosen_reward"] == row["rejected_reward"]
+    return len(set(row["rewards"])) < len(row["rewards"])
 
 
 def _count(stats: BuildStats, kept: list[str], where: list[int], rewards: list[float]) -> None:

@@ -12,8 +12,9 @@ import torch
 from softpo.cli import main
 from softpo.config import DataConfig
 from softpo.data import load_preferences
-from softpo.prefs import (bt_probability, build_preferences, distinct_responses, label_best,
-                          label_pairs, label_ranking, make_rows, summary_path, write_atomic)
+from softpo.prefs import (bt_probability, build_preferences, distinct_responses, has_tie,
+                          label_best, label_pairs, label_ranking, make_rows, summary_path,
+                          write_atomic)
 
 N_DRAWS = 20000  # binomial sd at p = 0.5 is 0.0035; tolerances below are >= 4 sd
 
@@ -80,6 +81,80 @@ def test_pairs_skip_ties_and_all_tie_prompts_give_no_rows():
     for fmt in ("pairs", "best_of_n", "ranked"):
         assert make_rows("p", ["a", "b"], [0.5, 0.5], fmt, "bt", 1.0, rng) == []
         assert make_rows("p", ["a"], [0.5], fmt, "bt", 1.0, rng) == []
+
+
+# ---------------------------------------------------------------- --keep-ties
+
+def test_keep_ties_bt_draws_among_all_pairs_and_labels_a_tie_by_a_fair_coin():
+    """r = (1, 1, 0), T = 1, all pairs: (0, 1) is a tie, labelled by sigmoid(0) = 1/2; (0, 2) and
+    (1, 2) by sigmoid(1) = 0.7311.  One pair per prompt: each of the 3 pairs has probability 1/3."""
+    rng = random.Random(6)
+    draws = [label_pairs([1.0, 1.0, 0.0], "bt", 1.0, rng, 0, keep_ties=True) for _ in range(N_DRAWS)]
+    assert all(sorted(tuple(sorted(p)) for p in d) == [(0, 1), (0, 2), (1, 2)] for d in draws)
+    tie_winners = Counter(w for d in draws for w, l in d if {w, l} == {0, 1})
+    assert tie_winners[0] / N_DRAWS == pytest.approx(0.5, abs=0.015)
+    zero_beats_two = sum((0, 2) in d for d in draws) / N_DRAWS
+    assert zero_beats_two == pytest.approx(1 / (1 + math.exp(-1)), abs=0.015)
+    one = Counter(tuple(sorted(label_pairs([1.0, 1.0, 0.0], "bt", 1.0, rng, 1, keep_ties=True)[0]))
+                  for _ in range(N_DRAWS))
+    assert one[(0, 1)] / N_DRAWS == pytest.approx(1 / 3, abs=0.015)
+
+
+def test_keep_ties_best_worst_adds_a_coin_labelled_pair_of_tied_best_responses():
+    """r = (1, 1, 0, 1): the (best, worst) pair as before (worst is 2), then two of the three tied
+    best responses {0, 1, 3}, each of the 6 ordered pairs with probability 1/6 (a uniform pair, a
+    fair coin for its order).  A lone best response gives no extra pair; nor does default mode."""
+    rng = random.Random(7)
+    draws = [label_pairs([1.0, 1.0, 0.0, 1.0], "best-worst", 1.0, rng, keep_ties=True)
+             for _ in range(N_DRAWS)]
+    assert all(len(d) == 2 and d[0][1] == 2 and d[0][0] in (0, 1, 3) for d in draws)
+    tied = Counter(d[1] for d in draws)
+    assert set(tied) == {(i, j) for i in (0, 1, 3) for j in (0, 1, 3) if i != j}
+    for pair in tied:
+        assert tied[pair] / N_DRAWS == pytest.approx(1 / 6, abs=0.01)
+    assert label_pairs([1.0, 0.5, 0.0], "best-worst", 1.0, rng, keep_ties=True) == [(0, 2)]
+    assert len(label_pairs([1.0, 1.0, 0.0], "best-worst", 1.0, rng)) == 1
+
+
+def test_keep_ties_all_tie_prompts_give_coin_labelled_rows_in_every_format():
+    """All rewards equal: a pair in fair-coin order (bt and best-worst), a uniformly random best
+    (Luce with equal weights) and a uniformly random ranking (Plackett-Luce with equal weights: each
+    of the 3! orders 1/6)."""
+    rng = random.Random(8)
+    texts, rewards = ["a", "b", "c"], [0.5, 0.5, 0.5]
+    for pairing in ("bt", "best-worst"):
+        rows = [make_rows("p", texts[:2], rewards[:2], "pairs", pairing, 1.0, rng, keep_ties=True)
+                for _ in range(N_DRAWS)]
+        assert all(len(r) == 1 and r[0]["chosen_reward"] == r[0]["rejected_reward"] for r in rows)
+        assert sum(r[0]["chosen"] == "a" for r in rows) / N_DRAWS == pytest.approx(0.5, abs=0.015)
+        best = Counter(make_rows("p", texts, rewards, "best_of_n", pairing, 1.0, rng,
+                                 keep_ties=True)[0]["best"] for _ in range(N_DRAWS))
+        assert all(best[i] / N_DRAWS == pytest.approx(1 / 3, abs=0.015) for i in range(3))
+        ranks = Counter(tuple(make_rows("p", texts, rewards, "ranked", pairing, 1.0, rng,
+                                        keep_ties=True)[0]["ranking"]) for _ in range(N_DRAWS))
+        assert len(ranks) == 6 and all(v / N_DRAWS == pytest.approx(1 / 6, abs=0.015)
+                                       for v in ranks.values())
+    assert make_rows("p", ["a"], [0.5], "pairs", "bt", 1.0, rng, keep_ties=True) == []
+
+
+def test_keep_ties_is_deterministic_per_seed_and_changes_nothing_without_ties():
+    """The same seed gives the same labels; where no two rewards tie, --keep-ties draws the very
+    same random numbers and rows as the default (so default files are unchanged)."""
+    tied, untied = [1.0, 1.0, 0.0, 0.5, 1.0], [0.3, 1.0, 0.0, 0.5, 0.9]
+    for fmt in ("pairs", "best_of_n", "ranked"):
+        for pairing in ("bt", "best-worst"):
+            def rows(rewards, seed, keep):
+                return make_rows("p", list("abcde"), rewards, fmt, pairing, 1.0,
+                                 random.Random(seed), 0, keep_ties=keep)
+            assert rows(tied, 3, True) == rows(tied, 3, True)
+            for seed in range(20):
+                assert rows(untied, seed, True) == rows(untied, seed, False)
+
+
+def test_has_tie():
+    assert has_tie({"chosen_reward": 1.0, "rejected_reward": 1.0})
+    assert not has_tie({"chosen_reward": 1.0, "rejected_reward": 0.0})
+    assert has_tie({"rewards": [0.0, 1.0, 0.0]}) and not has_tie({"rewards": [0.0, 1.0]})
 
 
 def test_distinct_responses_drop_empty_and_repeated_texts():
@@ -175,6 +250,22 @@ def test_all_tied_rewards_are_counted_and_no_rows_is_an_error(tmp_path, monkeypa
                  "-n", "2", "--max-new-tokens", "4", "--expert", "const_expert_mod:reward",
                  "--out", str(out), "--no-progress"])
     assert code == 2 and "no rows" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pairs", "best_of_n", "ranked"])
+def test_keep_ties_turns_all_tied_prompts_into_rows(fmt, tmp_path, monkeypatch):
+    """The same all-tied expert with --keep-ties: every prompt with two distinct responses gives a
+    row that holds a tie (counted in `tied`), nothing is skipped as a tie, and softpo reads it."""
+    (tmp_path / "const_expert_mod2.py").write_text("def reward(prompt, response):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for pairing in ("bt", "best-worst"):
+        out, rows, summary = run(tmp_path, f"{fmt}-{pairing}", "--format", fmt, "--pairing",
+                                 pairing, "--expert", "const_expert_mod2:reward", "--keep-ties")
+        assert summary["keep_ties"] is True and summary["skipped_ties"] == 0
+        assert summary["rows"] == len(rows) == summary["tied"] == 6 - summary["skipped_too_few"] > 0
+        assert all(has_tie(r) for r in rows)
+        examples, report = load_preferences(str(out), DataConfig(train=str(out)))
+        assert len(examples) == len(rows) and report.kind == fmt
 
 
 def test_skipped_ties_are_counted_per_prompt():
