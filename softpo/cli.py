@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                                   "convert the embedded SmolLM2-135M-Instruct to a cached folder"),
     ("build-prefs",): ("softpo.commands:build_prefs",
                        "sample responses and label them with an expert"),
+    ("tasks", "candidates"): ("softpo.commands:tasks_candidates",
+                              "write a task's prompts with every candidate answer and its reward"),
     ("lab", "tabular"): ("softpo.lab.commands:tabular", "tabular lab: convergence to known optima"),
     ("lab", "sequence"): ("softpo.lab.commands:sequence", "sequence lab on tiny exact transformers"),
     ("demo",): ("softpo.commands:demo", "the main job: align SmolLM2-135M-Instruct with SPO vs DPO"),

@@ -124,11 +124,15 @@ def sample_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap plain prompts as a user turn")
+    p.add_argument("--out", help="write the samples to this .jsonl file instead of printing them: "
+                   "one object {prompt, response, finished, tokens} per sample (finished: it ended "
+                   "with an end-of-sequence token; tokens: sampled tokens, that one included)")
     _max_prompt_length_argument(p)
 
 
 def sample_command(args) -> int:
-    """Print k samples per prompt, prompts encoded as training encodes them."""
+    """Print k samples per prompt (or write them to --out), prompts encoded as training encodes
+    them."""
     from softpo.config import ModelConfig
     from softpo.data import read_prompts
     from softpo.models import load_model, load_tokenizer
@@ -139,6 +143,8 @@ def sample_command(args) -> int:
         raise UserError("give at least one --prompt or a --prompts file")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num-samples and --max-new-tokens must be >= 1")
+    if args.out is not None and not args.out.endswith(".jsonl"):
+        raise UserError(f"--out must end in .jsonl, got '{args.out}'")
     data_cfg = _prompt_config(args.max_prompt_length)
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
@@ -147,8 +153,20 @@ def sample_command(args) -> int:
     model = load_model(cfg, tokenizer, seed=args.seed)
     batch = sample_prompts(model, tokenizer, prompts, data_cfg, args.num_samples,
                            args.max_new_tokens, args.seed)
-    for i, text in enumerate(batch.texts(tokenizer)):
-        print(f"[{i // args.num_samples}.{i % args.num_samples}] {text}")
+    texts = batch.texts(tokenizer)
+    if args.out is None:
+        for i, text in enumerate(texts):
+            print(f"[{i // args.num_samples}.{i % args.num_samples}] {text}")
+        return 0
+    from softpo.prefs import write_jsonl
+
+    k = args.num_samples
+    write_jsonl(Path(args.out), [{"prompt": prompts[i // k], "response": text,
+                                  "finished": bool(batch.finished[i]),
+                                  "tokens": int(batch.response_lengths[i])}
+                                 for i, text in enumerate(texts)])
+    print(f"softpo: wrote {len(texts)} samples of {len(prompts)} prompts to {args.out}",
+          file=sys.stderr)
     return 0
 
 
@@ -362,6 +380,67 @@ def build_prefs_command(args) -> int:
     print(f"softpo: wrote {stats.rows} {args.format} rows from {stats.prompts} prompts to {out} "
           f"(reward mean {summary['reward_mean']:.3f}; skipped {stats.skipped_ties} all-tie and "
           f"{stats.skipped_too_few} too-few prompts; {elapsed:.1f}s)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- softpo tasks candidates
+
+def tasks_candidates_arguments(p) -> None:
+    """`softpo tasks candidates --task choices [--split test] [-n 64] [--seed 0] --out FILE.jsonl`."""
+    p.add_argument("--task", default="choices", help="a task with candidate sets: choices, "
+                   "choices-numbers or choices-words (default %(default)s)")
+    p.add_argument("--split", default="test", help="train or test (default %(default)s)")
+    p.add_argument("-n", "--num-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .jsonl, rows {prompt, candidates, rewards} "
+                   "for `softpo eval MODEL --candidates FILE`")
+
+
+def tasks_candidates_command(args) -> int:
+    """Write the task's prompts with every candidate answer and its reward."""
+    import importlib
+
+    from softpo.prefs import write_jsonl
+    from softpo.tasks import TASKS, get_task
+
+    task = get_task(args.task)  # a UserError names the known tasks
+    module_name, options, _ = TASKS[task.name]
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "candidate_rows"):
+        with_sets = [n for n, (m, _, _) in TASKS.items()
+                     if hasattr(importlib.import_module(m), "candidate_rows")]
+        raise UserError(f"task '{args.task}' has no candidate sets (these have: "
+                        f"{', '.join(with_sets)})")
+    if args.num_prompts < 1:
+        raise UserError(f"-n/--num-prompts must be >= 1, got {args.num_prompts}")
+    if not args.out.endswith(".jsonl"):
+        raise UserError(f"--out must end in .jsonl, got '{args.out}'")
+    rows = module.candidate_rows(args.split, args.num_prompts, args.seed, **options)
+    write_jsonl(Path(args.out), rows)
+    correct = sum(r >= module.SUCCESS_THRESHOLD for row in rows for r in row["rewards"]) / len(rows)
+    size = sum(len(row["candidates"]) for row in rows) / len(rows)
+    print(f"softpo: wrote {len(rows)} {args.task}:{args.split} prompts to {args.out} ({size:.1f} "
+          f"candidates, {correct:.1f} correct on average)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- softpo export
+
+def export_arguments(p) -> None:
+    """`softpo export RUN_OR_MODEL OUT [--merge]`."""
+    p.add_argument("source", metavar="RUN_OR_MODEL", help="run directory (its final/ is exported) "
+                   "or model folder")
+    p.add_argument("out", metavar="OUT", help="new folder to write")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base "
+                   "weights (a plain model); without it an adapter is exported with its base named")
+
+
+def export_command(args) -> int:
+    """Export; print where the folder is and how it loads."""
+    from softpo.export import export
+
+    out = export(args.source, args.out, merge=args.merge)
+    print(f"exported to {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -54,3 +54,33 @@ def test_response_ends_at_first_eos():
     assert rows.response_lengths.tolist() == [2, 4]
     assert rows.finished.tolist() == [True, False]
     assert rows.rows.input_ids[0, :4].tolist() == [5, 6, 7, eos]
+
+
+def test_the_sample_command_writes_one_object_per_sample(tmp_path, capsys):
+    """`softpo sample tiny --out FILE.jsonl`: prompt-major rows {prompt, response, finished,
+    tokens} equal to sample_prompts' texts, EOS flags and lengths with the same seed; nothing on
+    stdout. A file name not ending in .jsonl is a one-line error."""
+    import json
+
+    from softpo.cli import main
+    from softpo.commands import _prompt_config
+    from softpo.config import DataConfig, ModelConfig
+    from softpo.models import load_model, load_tokenizer
+    from softpo.sampling import sample_prompts
+
+    out = tmp_path / "samples.jsonl"
+    assert main(["sample", "tiny", "--prompt", "hi", "--prompt", "How was the soup?", "-n", "3",
+                 "--max-new-tokens", "6", "--seed", "4", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny"))
+    model = load_model(ModelConfig(name_or_path="tiny"), tok, seed=4)
+    batch = sample_prompts(model, tok, ["hi", "How was the soup?"], _prompt_config(DataConfig.max_prompt_length),
+                           3, 6, 4)
+    assert [r["prompt"] for r in rows] == ["hi"] * 3 + ["How was the soup?"] * 3
+    assert [r["response"] for r in rows] == batch.texts(tok)
+    assert [r["finished"] for r in rows] == batch.finished.tolist()
+    assert [r["tokens"] for r in rows] == batch.response_lengths.tolist()
+    assert all(1 <= r["tokens"] <= 6 for r in rows)
+    assert main(["sample", "tiny", "--prompt", "hi", "--out", str(tmp_path / "s.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -217,3 +217,43 @@ def test_prompts_render_with_the_byte_tokenizer_chat_template():
         assert tokens.prompt_text.endswith(prompt[-1]["content"] + "<|im_end|>\n"
                                            "<|im_start|>assistant\n")
         assert tok.decode(tokens.response_ids[0]) == cands[0] + "<|im_end|>\n"
+
+
+# ---------------------------------------------------------------- softpo tasks candidates
+
+@pytest.mark.parametrize("task, families", [("choices", None),
+                                            ("choices-words", ("spelling", "words"))])
+def test_the_tasks_candidates_command_writes_the_candidate_rows(tmp_path, capsys, task, families):
+    """The file holds `candidate_rows(split, n, seed, families)` exactly, one JSON row a line,
+    and softpo.candidates reads it back."""
+    import json
+
+    from softpo.candidates import read_candidates
+    from softpo.cli import main
+
+    out = tmp_path / "c.jsonl"
+    assert main(["tasks", "candidates", "--task", task, "--split", "train", "-n", "7", "--seed",
+                 "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == C.candidate_rows("train", 7, 3, families)
+    assert len(read_candidates(str(out))) == 7
+    assert f"wrote 7 {task}:train prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "arithmetic"], "task 'arithmetic' has no candidate sets (these have: choices, "
+                               "choices-numbers, choices-words)"),
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["-n", "0"], "-n/--num-prompts must be >= 1, got 0"),
+    (["--split", "dev"], "unknown split 'dev'"),
+    (["--out", "x.json"], "--out must end in .jsonl"),
+])
+def test_the_tasks_candidates_command_rejects_bad_arguments_in_one_line(tmp_path, capsys, argv,
+                                                                        message):
+    from softpo.cli import main
+
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "c.jsonl")]
+    assert main(["tasks", "candidates", *argv, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "c.jsonl").exists()
