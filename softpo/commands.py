@@ -71,18 +71,24 @@ def train_command(args) -> int:
 # ---------------------------------------------------------------- softpo eval
 
 def eval_arguments(p) -> None:
-    """`softpo eval MODEL --data FILE [--ref MODEL]`."""
+    """`softpo eval MODEL --data FILE [--ref MODEL]`, or `softpo eval MODEL [MODEL...] --prompts
+    FILE --expert module:function | --reward-model PATH [...]`."""
     p.add_argument("model", help="trained model folder (e.g. runs/x/final), hub name, tiny or default")
-    p.add_argument("--data", required=True, help="held-out preference file")
-    p.add_argument("--ref", help="reference model (enables implicit-reward accuracy and KL)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="more models to compare on the same "
+                   "prompts and seeds (--prompts)")
+    p.add_argument("--data", help="held-out preference file: preference accuracy")
+    p.add_argument("--ref", help="reference model (--data: implicit-reward accuracy; --prompts: "
+                   "KL to the reference)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--json", action="store_true")
+    _eval_prompts_arguments(p)
 
 
 def eval_command(args) -> int:
-    """Preference accuracy (and, with a reference, implicit-reward accuracy) of a model."""
+    """Preference accuracy (and, with a reference, implicit-reward accuracy) of a model; with
+    --prompts, a generative evaluation with an expert (`_eval_prompts`)."""
     from softpo.collate import collate, pad_token_id, tokenize_examples
     from softpo.config import DataConfig, ModelConfig
     from softpo.data import load_preferences
@@ -90,8 +96,16 @@ def eval_command(args) -> int:
     from softpo.logprobs import Reference
     from softpo.models import load_model, load_tokenizer
 
+    sources = [f"--{s}" for s in ("data", "candidates", "prompts") if getattr(args, s, None)]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --data FILE, --candidates FILE or --prompts FILE"
+                        + (f" (got {' and '.join(sources)})" if sources else ""))
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.prompts:
+        return _eval_prompts(args)
+    if args.models:
+        raise UserError(f"{sources[0]} evaluates one model; compare several with --prompts")
     if not 0 < args.max_prompt_length < args.max_length:
         raise UserError("--max-prompt-length must be > 0 and < --max-length")
     dcfg = DataConfig(train=args.data, max_length=args.max_length,
@@ -110,6 +124,70 @@ def eval_command(args) -> int:
     result = preference_accuracy(model, batches, reference)
     print(json.dumps(result) if args.json else
           "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def _eval_prompts_arguments(p) -> None:
+    """The generative evaluation's arguments (`softpo eval ... --prompts FILE`)."""
+    g = p.add_argument_group("generative evaluation with an expert (--prompts)")
+    g.add_argument("--prompts", help="held-out prompts: JSONL/JSON/CSV/Parquet with `prompt` (a "
+                   "string or messages), or .txt one per line")
+    g.add_argument("--chat", action="store_true", help="wrap string prompts as a user turn")
+    g.add_argument("--expert", help="Python callable `module:function` (prompt, response) -> float")
+    g.add_argument("--reward-model", help="sequence-classification reward model (folder or hub name)")
+    g.add_argument("-n", "--num-samples", type=int, default=4, help="samples per prompt, K")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--success-threshold", type=float, default=1.0,
+                   help="a sample with reward >= this is a success (default %(default)s: a right "
+                   "answer for the shipped tasks)")
+    g.add_argument("--temperature", type=float, default=1.0, help="1: pure sampling, as in "
+                   "training (KL and entropy are measured only then)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model")
+    g.add_argument("--out", help="folder for samples.jsonl, summary.json and summary.md")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _eval_prompts(args) -> int:
+    """Sample every model on the prompts, score with the expert, print one row per model."""
+    from softpo.data import read_prompts
+    from softpo.hardware import default_device
+    from softpo.sampled_eval import (EvalSettings, evaluate_models, results_table, settings_line,
+                                     summary_document, write_outputs)
+    from softpo.tasks.experts import load_scorer
+
+    checks = [(args.num_samples >= 1, "-n/--num-samples must be >= 1"),
+              (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+              (math.isfinite(args.temperature) and args.temperature > 0,
+               f"--temperature must be > 0, got {args.temperature}"),
+              (math.isfinite(args.success_threshold), "--success-threshold must be a finite number"),
+              (args.out is None or not Path(args.out).is_file(), f"--out must be a folder, got the "
+               f"file '{args.out}'")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    settings = EvalSettings(k=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            temperature=args.temperature, success_threshold=args.success_threshold,
+                            batch_size=args.batch_size,
+                            data_cfg=_prompt_config(args.max_prompt_length))
+    prompts = read_prompts(args.prompts)
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    device = default_device()
+    scorer, described = load_scorer(args.expert, args.reward_model, device=device)
+    names = [args.model, *args.models]
+    summaries, records = evaluate_models(names, prompts, scorer, settings, args.ref, device,
+                                         progress=not args.no_progress)
+    data, markdown = summary_document(summaries, len(prompts), settings, described, args.ref,
+                                      args.prompts)
+    if args.out:
+        write_outputs(args.out, records, data, markdown)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(settings_line(len(prompts), settings, described, args.ref))
+        print(results_table(summaries, settings.k))
+    if args.out:
+        print(f"softpo: wrote {len(records)} samples and the summary to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Numbers only: preference accuracy, margins, KL to the reference, entropy, diversity, expert reward.
+"""Numbers only: preference accuracy, margins, KL to the reference, entropy, diversity (distinct-n,
+self-similarity), pass@k, expert reward.
 
 No logging backends here; callers decide where numbers go. Sampled evaluations encode their prompts
 with the one prompt encoder training uses (`softpo.sampling.sample_prompts`).
@@ -6,6 +7,7 @@ with the one prompt encoder training uses (`softpo.sampling.sample_prompts`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +30,32 @@ def distinct_n(texts: list[str], n: int) -> float:
             grams.add(tuple(words[i:i + n]))
             total += 1
     return len(grams) / total if total else 0.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c succeeded (Chen et al., 2021):
+
+        pass@k = 1 - C(n - c, k) / C(n, k),
+
+    the probability that k samples drawn without replacement from the n include a success
+    (1 when fewer than k samples failed). Needs 1 <= k <= n."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def jaccard(a: set, b: set) -> float:
+    """|a & b| / |a | b|; two empty sets are identical (1)."""
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def self_similarity(texts: list[str]) -> float:
+    """Mean pairwise Jaccard similarity of the word sets (whitespace-split) of some samples, over
+    the k(k-1)/2 pairs: 1 when all samples use the same words, 0 when no two share a word.
+    NaN for fewer than two samples."""
+    words = [set(t.split()) for t in texts]
+    pairs = [jaccard(a, b) for i, a in enumerate(words) for b in words[i + 1:]]
+    return sum(pairs) / len(pairs) if pairs else float("nan")
 
 
 @dataclass
@@ -77,6 +105,42 @@ def _packed_samples(model, batch: SampleBatch, pad_token_id: int | None) -> Pack
     return pack(rows.input_ids, rows.response_mask, valid, pad_token_id, style)  # a row per prompt
 
 
+@dataclass
+class DrawnSamples:
+    """k samples for each of P prompts, flattened prompt-major (S = P*k), with their log-probs."""
+
+    owners: list[int]  # (S,) index of each sample's prompt
+    texts: list[str]  # (S,) decoded responses, special tokens skipped
+    lengths: Tensor  # (S,) response tokens (EOS included when reached)
+    finished: Tensor  # (S,) bool: ended with EOS before max_new_tokens
+    policy_logps: Tensor  # (S,) log pi(y|x), nats per sequence
+    ref_logps: Tensor | None  # (S,) log pi_ref(y|x); None without a reference
+
+
+@torch.no_grad()
+def draw_samples(model, tokenizer, prompts: list, data_cfg: DataConfig,
+                 reference: Reference | None, k: int, max_new_tokens: int, seed: int,
+                 batch_size: int = 16, temperature: float = 1.0, progress=None) -> DrawnSamples:
+    """Sample k responses per prompt, `batch_size` prompts at a time (the chunk starting at prompt
+    `start` with seed `seed + start`), and score them under the policy and the reference."""
+    pol, ref, lengths, finished, texts, owners = [], [], [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = sample_prompts(model, tokenizer, chunk, data_cfg, k, max_new_tokens, seed + start,
+                               temperature=temperature)
+        p, r = score_samples(model, reference, batch, tokenizer.pad_token_id)
+        pol.append(p.float().cpu())
+        ref.append(r.float().cpu())
+        lengths.append(batch.response_lengths.cpu())
+        finished.append(batch.finished.cpu())
+        texts += batch.texts(tokenizer)
+        owners += [start + i // k for i in range(len(batch.response_lengths))]
+        if progress is not None:
+            progress.update(len(chunk))
+    return DrawnSamples(owners, texts, torch.cat(lengths), torch.cat(finished), torch.cat(pol),
+                        torch.cat(ref) if reference is not None else None)
+
+
 @torch.no_grad()
 def evaluate_samples(model, tokenizer, prompts: list, data_cfg: DataConfig,
                      reference: Reference | None, k: int,
@@ -85,24 +149,14 @@ def evaluate_samples(model, tokenizer, prompts: list, data_cfg: DataConfig,
                      success_threshold: float = 1.0, progress=None) -> tuple[SampleMetrics, list]:
     """Sample k responses per prompt (rendered exactly as training renders prompts) and measure
     them. Returns the metrics and one (prompt, response, reward) record per sample."""
-    pol, ref, lengths, texts, owners = [], [], [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        batch = sample_prompts(model, tokenizer, chunk, data_cfg, k, max_new_tokens, seed + start)
-        p, r = score_samples(model, reference, batch, tokenizer.pad_token_id)
-        pol.append(p)
-        ref.append(r)
-        lengths.append(batch.response_lengths.float())
-        texts += batch.texts(tokenizer)
-        owners += [start + i // k for i in range(len(batch.response_lengths))]
-        if progress is not None:
-            progress.update(len(chunk))
-    pol_t, ref_t = torch.cat(pol), torch.cat(ref)
+    drawn = draw_samples(model, tokenizer, prompts, data_cfg, reference, k, max_new_tokens, seed,
+                         batch_size, progress=progress)
+    owners, texts, pol_t = drawn.owners, drawn.texts, drawn.policy_logps
     rewards = None if reward_fn is None else \
         [float(reward_fn(prompts[o], t)) for o, t in zip(owners, texts)]
     metrics = SampleMetrics(
-        kl=float((pol_t - ref_t).mean()) if reference is not None else float("nan"),
-        entropy=float(-pol_t.mean()), length=float(torch.cat(lengths).mean()),
+        kl=float((pol_t - drawn.ref_logps).mean()) if reference is not None else float("nan"),
+        entropy=float(-pol_t.mean()), length=float(drawn.lengths.float().mean()),
         distinct_1=distinct_n(texts, 1), distinct_2=distinct_n(texts, 2),
         reward=None if rewards is None else sum(rewards) / len(rewards),
         success=None if rewards is None else

@@ -259,6 +259,25 @@ def _resolve(name: str) -> str:
     return name
 
 
+def model_folder_kind(name: str) -> str | None:
+    """What `name` names, checked without loading it: None for `tiny`, `default` and hub names;
+    for a local folder `adapter` (a LoRA folder: adapter_config.json) or `model` (config.json).
+    A file, a folder that is neither, or a local path that does not exist is a UserError."""
+    if name in ("tiny", "default"):
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        _resolve(name)  # a local-looking path raises; anything else is a hub name
+        return None
+    if not path.is_dir():
+        raise UserError("expected a model folder, got a file", source=name)
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    raise UserError("not a model folder (no config.json or adapter_config.json)", source=name)
+
+
 def _check_safetensors(folder: Path, name: str) -> None:
     if any(folder.glob("*.safetensors")):
         return

@@ -3,7 +3,8 @@
 The global KL regulariser is an expectation under the model's *own* distribution, so samples are drawn
 at temperature 1 with no top-k, top-p or repetition penalty (anything else estimates the KL of another
 distribution), with the KV cache, `k >= 2` samples per prompt, and a seed per call so that a resumed
-run draws exactly the samples the uninterrupted run drew.
+run draws exactly the samples the uninterrupted run drew. A `temperature` other than 1 (offered for
+evaluation only, `softpo eval --temperature`) samples from softmax(logits / temperature) instead.
 
 Samples come back as right-padded rows `[prompt, response, pad]` (the layout of preference rows), the
 response masked up to and including the first end-of-sequence token. `sample_prompts` samples after
@@ -43,12 +44,14 @@ class SampleBatch:
         return out
 
 
-def pure_sampling_config(model: nn.Module, tokenizer, max_new_tokens: int, k: int):
-    """A GenerationConfig that samples from the model's own distribution (no truncation)."""
+def pure_sampling_config(model: nn.Module, tokenizer, max_new_tokens: int, k: int,
+                         temperature: float = 1.0):
+    """A GenerationConfig that samples from the model's own distribution (no truncation), at
+    `temperature` 1; another temperature samples from softmax(logits / temperature)."""
     from transformers import GenerationConfig
 
     eos = _eos_ids(model, tokenizer)
-    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None,
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
                             typical_p=1.0, repetition_penalty=1.0, num_beams=1,
                             num_return_sequences=k, max_new_tokens=max_new_tokens,
                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
@@ -63,7 +66,7 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, k: int,
-           max_new_tokens: int, seed: int) -> SampleBatch:
+           max_new_tokens: int, seed: int, temperature: float = 1.0) -> SampleBatch:
     """Draw k responses for each left-padded prompt.  prompt_ids, prompt_mask: (P, Lp).
 
     Each prompt is run through the model once; its KV cache is then repeated for the k samples
@@ -72,7 +75,7 @@ def sample(model: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor,
     inner = hf_model(model)
     was_training = inner.training
     inner.eval()  # no dropout while sampling
-    config = pure_sampling_config(model, tokenizer, max_new_tokens, k)
+    config = pure_sampling_config(model, tokenizer, max_new_tokens, k, temperature)
     config.num_return_sequences = 1
     ids, mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
     gen = generation_model(model)
@@ -133,10 +136,11 @@ def to_rows(sequences: Tensor, prompt_mask: Tensor, eos_ids: list[int], pad_id: 
 
 
 def sample_prompts(model: nn.Module, tokenizer, prompts: list, data_cfg: DataConfig, k: int,
-                   max_new_tokens: int, seed: int, device: torch.device | None = None
-                   ) -> SampleBatch:
+                   max_new_tokens: int, seed: int, device: torch.device | None = None,
+                   temperature: float = 1.0) -> SampleBatch:
     """k responses for each prompt (a string or a conversation), encoded as training encodes
     prompts (`softpo.collate.prompt_batch`), on `device` (default: the model's)."""
     ids, mask = prompt_batch(prompts, tokenizer, data_cfg)  # (P, Lp)
     device = device if device is not None else next(model.parameters()).device
-    return sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens, seed)
+    return sample(model, tokenizer, ids.to(device), mask.to(device), k, max_new_tokens, seed,
+                  temperature)
