@@ -180,7 +180,11 @@ class TrainConfig:
     resume: bool = doc(False, "Continue from the latest complete checkpoint in output_dir.")
     max_nonfinite_steps: int = doc(5, "Consecutive non-finite steps before the run stops.")
     progress: bool = doc(True, "Show a progress bar.")
-    report_to: list[str] = doc(["tensorboard", "jsonl"], "Metric sinks: tensorboard, jsonl.")
+    report_to: list[str] = doc(["tensorboard", "jsonl"], "Metric sinks: tensorboard, jsonl, and "
+                               "the trackers wandb, mlflow, trackio (each an optional extra: "
+                               "pip install 'softpo[wandb]'; docs/experts.md).")
+    project: str = doc("softpo", "Tracker project (MLflow: experiment) the run is logged under; "
+                       "the run is named after output_dir.")
 
 
 @dataclass
@@ -420,8 +424,11 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     need(cfg.train.seed >= 0, "train.seed", "must be >= 0")
     need(cfg.train.save_total_limit >= 0, "train.save_total_limit", "must be >= 0")
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-    need(set(cfg.train.report_to) <= {"tensorboard", "jsonl"}, "train.report_to",
-         f"known sinks are tensorboard and jsonl, got {cfg.train.report_to}")
+    from softpo.tracking import SINKS
+
+    need(set(cfg.train.report_to) <= set(SINKS), "train.report_to",
+         f"known sinks are {', '.join(SINKS)}, got {cfg.train.report_to}")
+    need(bool(cfg.train.project.strip()), "train.project", "must not be empty")
     if cfg.model.name_or_path == "tiny":  # learned positions (gpt2) cannot go past n_positions
         d = cfg.data
         longest = max(d.max_length, d.max_prompt_length + cfg.regularizer.max_new_tokens)

@@ -34,7 +34,7 @@ from softpo.logprobs import DEFAULT_CHUNK, PolicyScorer
 from softpo.losses import LOSSES, ListLogps
 from softpo.packing import PackedRows, Rows
 from softpo.regularizer import Regularizer, RegularizerState
-from softpo.tracking import MetricsWriter
+from softpo.tracking import MetricsWriter, tracker_problem
 
 
 @dataclass
@@ -71,6 +71,8 @@ class Trainer:
         from softpo.models import load_tokenizer, with_pad_token
 
         cfg = self.cfg = load_config(cfg)
+        if problem := tracker_problem(cfg.train.report_to):  # before anything is built
+            raise UserError(problem)
         if model is not None and tokenizer is None and cfg.model.tokenizer is None:
             raise UserError("a model given in Python needs its tokenizer (tokenizer=..., or the "
                             "config key model.tokenizer)")
@@ -106,7 +108,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.writer = MetricsWriter(self.run_dir, cfg.train.report_to, self.acc.is_main_process)
+        self.writer = MetricsWriter(self.run_dir, cfg.train.report_to, self.acc.is_main_process,
+                                    config=to_dict(cfg), project=cfg.train.project)
 
     def _use_ref_cache(self) -> None:
         """Reference log-probs from the cache; the separate reference model is freed when the

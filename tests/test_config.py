@@ -57,8 +57,8 @@ CASES = {
                                         "< data.max_length",
     "tiny_positions_too_short.yaml": ": config key 'model.tiny.n_positions': 32 is shorter than "
                                      "the longest sequence (64: data.max_length",
-    "unknown_sink.yaml": ": config key 'train.report_to': known sinks are tensorboard and jsonl, "
-                         "got ['wandb']",
+    "unknown_sink.yaml": ": config key 'train.report_to': known sinks are tensorboard, jsonl, "
+                         "wandb, mlflow, trackio, got ['neptune']",
     "empty_output_dir.yaml": ": config key 'train.output_dir': must not be empty",
     "python_tag.yaml": ":1: not valid YAML (ConstructorError: could not determine a constructor "
                        "for the tag 'tag:yaml.org,2002:python/object/apply:os.system')",
