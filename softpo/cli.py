@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                                   "convert the embedded SmolLM2-135M-Instruct to a cached folder"),
     ("build-prefs",): ("softpo.commands:build_prefs",
                        "sample responses and label them with an expert"),
+    ("export",): ("softpo.commands:export",
+                  "write a trained model as a plain Hugging Face folder (LoRA merged with --merge)"),
     ("tasks", "candidates"): ("softpo.commands:tasks_candidates",
                               "write a task's prompts with every candidate answer and its reward"),
     ("lab", "tabular"): ("softpo.lab.commands:tabular", "tabular lab: convergence to known optima"),

@@ -18,15 +18,18 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def model_card(cfg: Config, metrics: dict[str, float]) -> str:
-    """The README.md of a trained model: what it is and its final metrics."""
+def model_card(cfg: Config, metrics: dict[str, float], merged: bool = False) -> str:
+    """The README.md of a trained model: what it is and its final metrics (`merged`: a LoRA run's
+    adapter merged into the base weights, `softpo export --merge`)."""
     adapter = "a LoRA adapter for" if cfg.lora.enabled else "a fine-tune of"
+    if cfg.lora.enabled and merged:
+        adapter = "a fine-tune (a LoRA adapter merged into the weights) of"
     loss = cfg.loss.name
     knobs = f"alpha={cfg.loss.alpha}, beta={cfg.loss.beta}" if loss.startswith("spo") \
         else f"beta={cfg.loss.beta}"
     rows = [[k, metrics[k]] for k in CARD_KEYS if k in metrics]
     return "\n".join([
-        "---", "library_name: " + ("peft" if cfg.lora.enabled else "transformers"),
+        "---", "library_name: " + ("peft" if cfg.lora.enabled and not merged else "transformers"),
         "tags: [softpo, preference-optimization, " + loss + "]", "---", "",
         f"# {loss} model trained with softpo", "",
         f"This is {adapter} `{cfg.model.name_or_path}`, aligned with `{loss}` ({knobs}) on "
