@@ -37,6 +37,9 @@ Input rows (`read_candidates`): JSONL/JSON/CSV/Parquet rows `{prompt, candidates
 finite numbers of the same length; without `rewards`, an expert `scorer(prompts, responses)`
 (`softpo.tasks.experts`) scores the candidates. A bad row is a one-line `UserError` naming the
 file, the row and the field. `task_rows` builds rows from the `choices` task family.
+
+On the command line: `softpo tasks candidates --task choices --out FILE.jsonl` writes such rows,
+`softpo eval MODEL --candidates FILE [--temperature T] [--alpha A] [--json]` evaluates them.
 """
 
 from __future__ import annotations
@@ -99,6 +102,14 @@ class CandidateReport:
 
     results: list[PromptResult]
     summary: dict[str, float]  # the mean of every metric over prompts, and `prompts`
+
+    def as_dict(self) -> dict:
+        """JSON-able: the summary, and per prompt its metrics and every candidate's text, log p,
+        p and reward, in the row's order."""
+        return {"summary": self.summary, "prompts": [
+            {"prompt": res.prompt, "metrics": res.metrics,
+             "candidates": [{"text": c.text, "logp": c.logp, "prob": c.prob, "reward": c.reward}
+                            for c in res.candidates]} for res in self.results]}
 
 
 # ---------------------------------------------------------------- tokens

@@ -71,8 +71,9 @@ def train_command(args) -> int:
 # ---------------------------------------------------------------- softpo eval
 
 def eval_arguments(p) -> None:
-    """`softpo eval MODEL --data FILE [--ref MODEL]`, or `softpo eval MODEL [MODEL...] --prompts
-    FILE --expert module:function | --reward-model PATH [...]`."""
+    """`softpo eval MODEL --data FILE [--ref MODEL]`, `softpo eval MODEL --candidates FILE [...]`,
+    or `softpo eval MODEL [MODEL...] --prompts FILE --expert module:function | --reward-model PATH
+    [...]`."""
     p.add_argument("model", help="trained model folder (e.g. runs/x/final), hub name, tiny or default")
     p.add_argument("models", nargs="*", metavar="MODEL", help="more models to compare on the same "
                    "prompts and seeds (--prompts)")
@@ -84,6 +85,7 @@ def eval_arguments(p) -> None:
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--json", action="store_true")
     _eval_prompts_arguments(p)
+    _eval_candidates_arguments(p)
 
 
 def eval_command(args) -> int:
@@ -106,6 +108,8 @@ def eval_command(args) -> int:
         return _eval_prompts(args)
     if args.models:
         raise UserError(f"{sources[0]} evaluates one model; compare several with --prompts")
+    if args.candidates:
+        return _eval_candidates(args)
     if not 0 < args.max_prompt_length < args.max_length:
         raise UserError("--max-prompt-length must be > 0 and < --max-length")
     dcfg = DataConfig(train=args.data, max_length=args.max_length,
@@ -189,6 +193,79 @@ def _eval_prompts(args) -> int:
     if args.out:
         print(f"softpo: wrote {len(records)} samples and the summary to {args.out}", file=sys.stderr)
     return 0
+
+
+CANDIDATE_COLUMNS = ("prompts", "success", "outside", "entropy", "kl_uniform", "coverage",
+                     "top_share", "kl_expert", "reward")
+
+
+def _eval_candidates_arguments(p) -> None:
+    """The exact candidate-set evaluation's arguments (`softpo eval MODEL --candidates FILE`);
+    --expert and --temperature are shared with --prompts."""
+    g = p.add_argument_group("exact candidate-set evaluation (--candidates; also --expert, "
+                             "--temperature)")
+    g.add_argument("--candidates", help="rows {prompt, candidates, rewards} (softpo/candidates.py; "
+                   "`softpo tasks candidates` writes them): every candidate's exact probability as "
+                   "the whole response; --expert scores the rows that have no rewards")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="kl_expert compares with the expert softmax(reward / alpha)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="candidates with reward >= this are correct (default: each prompt's best)")
+    # softpo.candidates.LAYOUTS, named here so that `softpo eval --help` does not import torch
+    g.add_argument("--layout", choices=("padded", "packed"), default="padded",
+                   help="padded: a row per candidate; packed: a row per prompt, its prompt once")
+
+
+def _eval_candidates(args) -> int:
+    """Every candidate's exact probability at --temperature; print the means over prompts (or,
+    with --json, one object with them and every candidate's text, prob and reward)."""
+    from softpo.candidates import evaluate_candidates, read_candidates
+    from softpo.config import ModelConfig
+    from softpo.hardware import default_device
+    from softpo.models import load_model, load_tokenizer
+
+    checks = [(args.ref is None, "--ref is not used with --candidates"),
+              (math.isfinite(args.alpha) and args.alpha > 0,
+               f"--alpha must be > 0, got {args.alpha}"),
+              (math.isfinite(args.temperature) and args.temperature > 0,
+               f"--temperature must be > 0, got {args.temperature}"),
+              (args.threshold is None or math.isfinite(args.threshold),
+               f"--threshold must be a finite number, got {args.threshold}")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    device = default_device()
+    scorer = None
+    if args.expert or args.reward_model:
+        from softpo.tasks.experts import load_scorer
+
+        scorer, _ = load_scorer(args.expert, args.reward_model, device=device)
+    rows = read_candidates(args.candidates, scorer)
+    cfg = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, seed=0).to(device).eval()
+    report = evaluate_candidates(model, tokenizer, rows, alpha=args.alpha, threshold=args.threshold,
+                                 temperature=args.temperature, layout=args.layout)
+    if args.json:
+        print(json.dumps({"model": args.model, "candidates": args.candidates,
+                          "temperature": args.temperature, "alpha": args.alpha,
+                          "threshold": args.threshold, **report.as_dict()}))
+        return 0
+    correct = "reward >= each prompt's best" if args.threshold is None else \
+        f"reward >= {args.threshold:g}"
+    print(f"{args.model} on {args.candidates}: temperature {args.temperature:g}, expert "
+          f"softmax(r / {args.alpha:g}), correct: {correct}; means over prompts")
+    print(_table(CANDIDATE_COLUMNS, report.summary))
+    return 0
+
+
+def _table(columns: tuple[str, ...], values: dict) -> str:
+    """Two aligned lines: the column names and the values (4 decimals; counts as integers)."""
+    cells = [f"{values[c]:.0f}" if c == "prompts" else
+             f"{values[c]:.4f}" if c in values else "-" for c in columns]
+    widths = [max(len(c), len(v)) for c, v in zip(columns, cells)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths))
+                     for line in (columns, cells))
 
 
 # ---------------------------------------------------------------- softpo sample

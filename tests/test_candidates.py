@@ -321,3 +321,115 @@ def test_a_row_longer_than_the_model_context_is_an_error():
     with pytest.raises(UserError, match=r"^long.jsonl:7: field 'candidates': prompt \+ "
                                         r"candidate is 42 tokens, more than the model's 32$"):
         K.candidate_logps(model, tok, rows)
+
+
+# ---------------------------------------------------------------- (f) the command line
+
+def cli_rows(tmp_path, task="choices-words", n=3):
+    """`softpo tasks candidates` rows in a file, and the same rows as the library reads them."""
+    from softpo import cli
+
+    path = tmp_path / "cands.jsonl"
+    assert cli.main(["tasks", "candidates", "--task", task, "-n", str(n), "--out", str(path)]) == 0
+    return str(path), K.read_candidates(str(path))
+
+
+def tiny_by_name():
+    """The model `softpo eval tiny` loads: softpo's tiny default model with seed 0."""
+    from softpo.config import ModelConfig
+    from softpo.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny"))
+    return tok, load_model(ModelConfig(name_or_path="tiny"), tok, seed=0).eval()
+
+
+@pytest.mark.parametrize("options, kwargs", [
+    ([], {}),
+    (["--temperature", "2", "--alpha", "0.5", "--threshold", "0.5", "--layout", "packed"],
+     dict(temperature=2.0, alpha=0.5, threshold=0.5, layout="packed")),
+])
+def test_the_eval_candidates_command_reports_what_the_library_computes(tmp_path, capsys, options,
+                                                                       kwargs):
+    """`softpo eval tiny --candidates FILE --json`: the library's summary, and for every prompt
+    each candidate's text, prob and reward in the row's order; without --json, a table of the
+    means over prompts with the same numbers (4 decimals)."""
+    from softpo import cli
+
+    path, rows = cli_rows(tmp_path)
+    capsys.readouterr()
+    tok, model = tiny_by_name()
+    want = K.evaluate_candidates(model, tok, rows, **kwargs)
+    assert cli.main(["eval", "tiny", "--candidates", path, "--json", *options]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["summary"] == pytest.approx(want.summary, rel=1e-9)
+    assert len(got["prompts"]) == len(rows) == 3
+    for res, row, ref in zip(got["prompts"], rows, want.results):
+        assert res["prompt"] == row.prompt
+        assert [c["text"] for c in res["candidates"]] == row.candidates
+        assert [c["reward"] for c in res["candidates"]] == row.rewards
+        assert [c["prob"] for c in res["candidates"]] == pytest.approx(
+            [c.prob for c in ref.candidates], rel=1e-9)
+    assert cli.main(["eval", "tiny", "--candidates", path, *options]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, values = lines[-2].split(), lines[-1].split()
+    assert header == ["prompts", "success", "outside", "entropy", "kl_uniform", "coverage",
+                      "top_share", "kl_expert", "reward"]
+    assert values[0] == "3"
+    for name, value in zip(header[1:], values[1:]):
+        assert float(value) == pytest.approx(want.summary[name], abs=5e-5)
+
+
+def test_the_eval_candidates_command_scores_rows_without_rewards_with_the_expert(tmp_path, capsys):
+    """Rows without `rewards` get the expert's (here the task's own reward): the same report."""
+    from softpo import cli
+
+    path, rows = cli_rows(tmp_path, n=2)
+    bare = write(tmp_path, [{"prompt": r.prompt, "candidates": r.candidates} for r in rows],
+                 "bare.jsonl")
+    capsys.readouterr()
+    assert cli.main(["eval", "tiny", "--candidates", path, "--json"]) == 0
+    with_rewards = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", "tiny", "--candidates", bare, "--json", "--expert",
+                     "softpo.tasks.choices:reward"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["prompts"] == with_rewards["prompts"]
+    assert scored["summary"] == with_rewards["summary"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--candidates", "{bad}"], "{bad}:1: field 'rewards': missing (give rewards, or an expert"),
+    (["--candidates", "{good}", "--data", "{good}"],
+     "give exactly one of --data FILE, --candidates FILE or --prompts FILE (got --data and "
+     "--candidates)"),
+    ([], "give exactly one of --data FILE, --candidates FILE or --prompts FILE"),
+    (["--candidates", "{good}", "--alpha", "0"], "--alpha must be > 0, got 0.0"),
+    (["--candidates", "{good}", "--temperature", "-1"], "--temperature must be > 0, got -1.0"),
+    (["--candidates", "{good}", "--threshold", "nan"], "--threshold must be a finite number"),
+    (["--candidates", "{good}", "--ref", "tiny"], "--ref is not used with --candidates"),
+    (["tiny", "--candidates", "{good}"], "--candidates evaluates one model"),
+    (["--candidates", "{missing}"], "{missing}"),
+])
+def test_the_eval_candidates_command_rejects_bad_input_in_one_line(tmp_path, capsys, extra,
+                                                                    message):
+    from softpo import cli
+
+    files = {"bad": write(tmp_path, [{"prompt": "q", "candidates": ["A", "B"]}], "bad.jsonl"),
+             "good": write(tmp_path, [GOOD], "good.jsonl"),
+             "missing": str(tmp_path / "missing.jsonl")}
+    args = [a.format(**files) for a in extra]
+    assert cli.main(["eval", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(**files) in err
+
+
+def test_the_eval_command_names_the_layouts_of_the_library():
+    """`softpo eval --layout` lists softpo.candidates.LAYOUTS (spelled out so that the command's
+    --help does not import torch)."""
+    import argparse
+
+    from softpo import commands
+
+    parser = argparse.ArgumentParser()
+    commands.eval_arguments(parser)
+    layout = next(a for a in parser._actions if a.dest == "layout")
+    assert tuple(layout.choices) == K.LAYOUTS
