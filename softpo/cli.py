@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softpo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `softpo losses | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _version() -> str:

@@ -180,6 +180,10 @@ class TrainConfig:
     resume: bool = doc(False, "Continue from the latest complete checkpoint in output_dir.")
     max_nonfinite_steps: int = doc(5, "Consecutive non-finite steps before the run stops.")
     progress: bool = doc(True, "Show a progress bar.")
+    saturation_check: int = doc(64, "Before training, score this many training examples and warn "
+                                "when most of them are already explained by the policy (their "
+                                "preference term saturated, so they give almost no gradient; "
+                                "docs/experts.md). 0: no check.")
     report_to: list[str] = doc(["tensorboard", "jsonl"], "Metric sinks: tensorboard, jsonl, and "
                                "the trackers wandb, mlflow, trackio (each an optional extra: "
                                "pip install 'softpo[wandb]'; docs/experts.md).")
@@ -423,6 +427,7 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     need(bool(cfg.train.output_dir.strip()), "train.output_dir", "must not be empty")
     need(cfg.train.seed >= 0, "train.seed", "must be >= 0")
     need(cfg.train.save_total_limit >= 0, "train.save_total_limit", "must be >= 0")
+    need(cfg.train.saturation_check >= 0, "train.saturation_check", "must be >= 0")
     need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     from softpo.tracking import SINKS
 

@@ -19,8 +19,10 @@ Which `ListLogps` fields each loss reads
   three SPO losses when `gamma != 0` (the weights mu).
 
 Statistics (each (B,), detached): rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies, logps/chosen, logps/rejected (summed log-probs), pref_prob; SPO adds `weights`,
-cpo/orpo add `nll`, orpo adds `log_odds`.
+rewards/accuracies, logps/chosen, logps/rejected (summed log-probs), pref_prob (the loss's own
+probability that the data's preference holds), pref_saturated (1 where pref_prob > SATURATED: the
+example's gradient factor 1 - pref_prob is below 1%); SPO adds `weights`, cpo/orpo add `nll`, orpo
+adds `log_odds`.
 """
 
 from __future__ import annotations
@@ -182,11 +184,15 @@ def _lengths(lp: ListLogps) -> Tensor:  # (B, n) float, >= 1
     return lp.lengths.to(_hp(lp.policy_logps).dtype).clamp(min=1.0)  # no bf16 rounding of lengths
 
 
+SATURATED = 0.99  # a preference probability above this leaves (1 - p) < 1% of the gradient
+
+
 def _stats(rw: Tensor, rl: Tensor, logp_w: Tensor, logp_l: Tensor, acc: Tensor, pref: Tensor,
            **extra: Tensor) -> dict[str, Tensor]:
     stats = {"rewards/chosen": rw, "rewards/rejected": rl, "rewards/margins": rw - rl,
              "rewards/accuracies": acc.to(rw.dtype), "logps/chosen": logp_w,
-             "logps/rejected": logp_l, "pref_prob": pref, **extra}
+             "logps/rejected": logp_l, "pref_prob": pref,
+             "pref_saturated": (pref > SATURATED).to(rw.dtype), **extra}
     return {k: v.detach() for k, v in stats.items()}
 
 

@@ -8,6 +8,28 @@ CARD_KEYS = ["loss", "pref_loss", "kl", "entropy", "rewards/accuracies", "reward
              "eval_pref_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
 
 
+SATURATION_WARN = 0.5  # warn when more than this share of the examples starts saturated
+
+
+def saturation_warning(found: dict[str, float], cfg: Config) -> str | None:
+    """One line when most training examples start with a saturated preference term (their
+    preference probability under the loss above 0.99, so 1 - p < 1% of their gradient remains):
+    the likely cause and the knob. None on healthy data."""
+    share = found.get("pref_saturated", 0.0)
+    if share <= SATURATION_WARN:
+        return None
+    loss, margin = cfg.loss.name, found["margin"]
+    knob = "loss.alpha" if loss.startswith("spo") else "loss.beta"
+    scale = cfg.loss.alpha if loss.startswith("spo") else cfg.loss.beta
+    hint = f"; {knob}={1 / abs(margin):.2g} would put alpha*margin at 1" if \
+        loss.startswith("spo") and margin else ""
+    return (f"softpo: warning: {share:.0%} of {found['examples']:.0f} training examples are already "
+            f"explained by the model before training (preference probability > 0.99 under {loss} "
+            f"with {knob}={scale:g}; mean log-prob margin chosen - rejected {margin:+.1f} nats), so "
+            f"their preference term gives almost no gradient. The preferred responses are already "
+            f"far more likely (often: shorter); lower {knob}{hint} (docs/experts.md)")
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A Markdown table; floats with 4 significant digits."""
     def fmt(v):

@@ -271,6 +271,28 @@ class Trainer:
         self.scorer.train()
         return {f"eval_{k}": float(s / max(n, 1)) for k, (s, n) in zip(names, totals.tolist())}
 
+    @torch.no_grad()
+    def saturation(self) -> dict[str, float]:
+        """Before training: over the first `train.saturation_check` examples of the run's stream,
+        the share whose preference term is saturated under the current policy (`pref_saturated`),
+        the mean log-prob margin chosen - rejected (`margin`), and the loss's mean preference
+        probability (`pref_prob`). Empty when the check is off."""
+        limit = min(self.cfg.train.saturation_check, len(self.train_set))
+        if limit == 0:
+            return {}
+        self.scorer.eval()
+        stats, bs = StepStats(), self.cfg.train.eval_batch_size
+        items = [self.train_set[i] for i in stream_indices(len(self.train_set), 0, limit,
+                                                           self.cfg.train.seed)]
+        for start in range(0, limit, bs):
+            self.forward_loss(self.collate(items[start:start + bs]), False, stats, 1.0)
+        self.scorer.train()
+        mean = {k: stats.sums[k] / max(stats.counts[k], 1) for k in stats.sums}
+        if "pref_saturated" not in mean:  # a user's loss without the standard statistics
+            return {}
+        return {"pref_saturated": mean["pref_saturated"], "pref_prob": mean["pref_prob"],
+                "margin": mean["logps/chosen"] - mean["logps/rejected"], "examples": float(limit)}
+
     # ------------------------------------------------------------------ checkpoints
 
     def params_finite(self) -> bool:
@@ -344,6 +366,8 @@ class Trainer:
             self.acc.print(f"resumed from step {self.step}")
         if self.regularizer is not None and self.reg is None and self.step > 0:
             self.refresh_samples(self.step - self.step % self.cfg.regularizer.sample_every)
+        if self.step == 0:
+            self._check_saturation()
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"softpo {self.spec.name}",
                    disable=not (c.progress and self.acc.is_main_process), dynamic_ncols=True)
         last: dict[str, float] = {}
@@ -365,6 +389,18 @@ class Trainer:
         self.save_final({**last, **final_eval})
         self.writer.close()
         return {**last, **final_eval}
+
+    def _check_saturation(self) -> None:
+        """Log the start's saturation (`start/...`) and warn when most examples give no signal."""
+        from softpo.report import saturation_warning
+
+        found = self.saturation()
+        if not found:
+            return
+        self.writer.log(0, {f"start/{k}": v for k, v in found.items()})
+        warning = saturation_warning(found, self.cfg)
+        if warning:
+            self.acc.print(warning)
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics averaged over processes (throughput summed)."""

@@ -127,6 +127,8 @@ def sequence_arguments(parser: argparse.ArgumentParser) -> None:
       help="examples per step (default %(default)s)")
     a("--lr", type=float, default=d.lr,
       help="peak learning rate, cosine to 0 (default %(default)s)")
+    a("--warmup-steps", type=int, default=d.warmup_steps,
+      help="linear warm-up steps before the cosine decay (default %(default)s)")
     a("--adam-beta2", type=float, default=d.adam_beta2,
       help="Adam's second-moment decay (default %(default)s)")
     a("--estimator", default=d.estimator, help="global-KL estimator: token_sf (default, unbiased), "
@@ -157,7 +159,7 @@ def sequence_command(args: argparse.Namespace) -> int:
     cfg = resolve(SeqConfig(
         loss=args.loss, alpha=args.alpha, beta=args.beta, data=args.data, n=args.n,
         pairs=args.pairs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        adam_beta2=args.adam_beta2,
+        adam_beta2=args.adam_beta2, warmup_steps=args.warmup_steps,
         estimator=args.estimator, samples=args.samples, letters=args.letters,
         max_len=args.max_len, reward_scale=args.reward_scale, ref_scale=args.ref_scale,
         sft_steps=args.sft_steps, eval_every=args.eval_every, seed=args.seed))

@@ -64,9 +64,8 @@ def setup_line(cfg: SeqConfig, size: int) -> str:
     return (f"Letters `{cfg.letters}`, responses of at most {cfg.max_len} letters (|Y| = {size}); "
             f"r ~ {cfg.reward_scale:g} N(0, 1), reference fitted to softmax({cfg.ref_scale:g} "
             f"N(0, 1)) ({cfg.sft_steps} exact maximum-likelihood steps); Llama {cfg.n_layer} x "
-            f"{cfg.n_embd}; Trainer: AdamW lr {cfg.lr:g} (cosine, beta2 {cfg.adam_beta2:g}), "
-            f"{cfg.steps} steps x "
-            f"{cfg.batch_size} examples, "
+            f"{cfg.n_embd}; Trainer: AdamW lr {cfg.lr:g} ({cfg.warmup_steps} warm-up steps, "
+            f"cosine, beta2 {cfg.adam_beta2:g}), {cfg.steps} steps x {cfg.batch_size} examples, "
             f"global KL (beta > 0) with the `{cfg.estimator}` estimator on {cfg.samples} fresh "
             f"samples per step; seed {cfg.seed}. KL in nats, exact over Y.")
 

@@ -45,12 +45,13 @@ class SeqConfig:
     # Defaults measured across seeds 0-4 (docs/lab.md, "Robustness"): 50,000 pairs leave a data
     # floor of up to 0.005 nats at alpha 0.5 and batches of 256 a gradient noise of the same size;
     # Adam's default beta2 = 0.999 keeps a gradient spike's second moment for ~1000 steps, which
-    # stalled one run at KL 0.52. 200,000 pairs, batches of 1024 and beta2 = 0.99 gave every
-    # seed and alpha under 0.002 nats.
+    # stalled one run at KL 0.52; and without warm-up, a jump at the peak learning rate in the
+    # first 40 steps left one run on a plateau at KL 0.15 for the remaining 360.
     pairs: int = 200_000  # training examples
     steps: int = 400
     batch_size: int = 1024
     lr: float = 3e-3
+    warmup_steps: int = 40  # linear warm-up, then cosine to 0
     adam_beta2: float = 0.99
     estimator: str = "token_sf"  # global-KL estimator (SPO with beta > 0)
     samples: int = 32  # fresh samples per step for the regulariser
@@ -86,6 +87,8 @@ def resolve(cfg: SeqConfig) -> SeqConfig:
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
         (finite_pos(cfg.lr), f"--lr must be > 0 (got {cfg.lr})"),
         (0 <= cfg.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1) (got {cfg.adam_beta2})"),
+        (0 <= cfg.warmup_steps < cfg.steps,
+         f"--warmup-steps must be >= 0 and < --steps (got {cfg.warmup_steps})"),
         (cfg.estimator in ESTIMATORS, f"--estimator must be one of {', '.join(ESTIMATORS)}"),
         (cfg.samples >= 2, f"--samples must be >= 2 (got {cfg.samples})"),
         (1 <= cfg.max_len <= 5, f"--max-len must be between 1 and 5 (got {cfg.max_len})"),
@@ -121,7 +124,7 @@ def trainer_config(cfg: SeqConfig, output_dir: str):
     c.regularizer.estimator, c.regularizer.prompts_per_step = cfg.estimator, 1
     c.regularizer.samples_per_prompt, c.regularizer.max_new_tokens = cfg.samples, cfg.max_len
     c.regularizer.sample_every = 1
-    c.optim.lr, c.optim.warmup_steps, c.optim.scheduler = cfg.lr, 0, "cosine"
+    c.optim.lr, c.optim.warmup_steps, c.optim.scheduler = cfg.lr, cfg.warmup_steps, "cosine"
     c.optim.adam_betas = [0.9, cfg.adam_beta2]
     c.train.output_dir, c.train.max_steps = output_dir, cfg.steps
     c.train.batch_size = cfg.batch_size
@@ -238,7 +241,8 @@ def measure(cfg: SeqConfig, s: Setup, data, policy: Tensor, target: Tensor,
         "unseen_mass": mass(policy), "drift_mass": mass(policy) - mass(s.ref_logps),
         "unseen_kl": conditional_kl(policy, s.ref_logps, unseen),
         "responses": s.world.space.size, "sft_kl": s.sft_kl, "pairs": cfg.pairs,
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "adam_beta2": cfg.adam_beta2,
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+        "adam_beta2": cfg.adam_beta2,
         "sft_steps": cfg.sft_steps,
         "estimator": cfg.estimator if get_loss(cfg.loss).is_spo and cfg.beta > 0 else None,
         "samples": cfg.samples, "seed": cfg.seed,

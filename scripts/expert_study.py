@@ -1,0 +1,191 @@
+"""SPO learning what a user's expert wants, on real-length answers (docs/experts.md).
+
+    python scripts/expert_study.py --expert concise --seeds 0 1 2 --out runs/expert_study
+    python scripts/expert_study.py --expert concise --points spo-a1,spo-a0.03,dpo --seeds 0
+
+For each expert and seed: the embedded SmolLM2-135M-Instruct samples `n` answers to each of the
+128 training questions (examples/data/questions_train.jsonl, as a user turn, 32 new tokens), the
+expert labels them (`softpo build-prefs` with the point's pairing and format), LoRA adapters are
+trained for `steps` steps (configs/smollm2_lora.yaml), and every model answers the 55 held-out
+questions 4 times (pure sampling, 32 new tokens): mean expert reward, the share of answers cut at
+the token limit, the sequence KL to the reference and the entropy (both from the samples'
+log-probs), and the share of training pairs whose preference term is saturated at the start.
+
+Every point is one line of `<out>/points.jsonl` (appended as it finishes, so a run can be stopped
+and continued: finished points are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EXPERTS = {"concise": "examples.experts.concise:reward", "style": "examples.experts.style:reward"}
+TRAIN = ROOT / "examples" / "data" / "questions_train.jsonl"
+HELDOUT = ROOT / "examples" / "data" / "questions_heldout.jsonl"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One trained model: the loss and its knobs, and how its data were labelled."""
+
+    name: str
+    loss: str = "spo"
+    alpha: float = 1.0
+    beta: float = 0.05
+    gamma: float = 0.0
+    n: int = 4  # answers per training question
+    pairing: str = "best-worst"
+    fmt: str = "pairs"
+    bt_temperature: float = 1.0
+    pairs_per_prompt: int = 1
+    keep_ties: bool = False
+    steps: int = 30
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def data_key(self) -> tuple:
+        return (self.n, self.pairing, self.fmt, self.bt_temperature, self.pairs_per_prompt,
+                self.keep_ties)
+
+
+def points() -> dict[str, Point]:
+    out = [Point("reference", loss="none")]
+    for a in (1.0, 0.3, 0.1, 0.03, 0.01):
+        out.append(Point(f"spo-a{a:g}", alpha=a))
+    out += [Point("dpo", loss="dpo", beta=0.1),
+            Point("spo-a0.03-bt", alpha=0.03, pairing="bt", bt_temperature=0.1, pairs_per_prompt=0),
+            Point("spo-a0.03-n8", alpha=0.03, n=8),
+            Point("spo-a0.03-ranked", loss="spo_ranked", alpha=0.03, fmt="ranked"),
+            Point("spo-a0.03-mu", alpha=0.03, gamma=1.0),
+            Point("spo-a0.03-beta0", alpha=0.03, beta=0.0)]
+    return {p.name: p for p in out}
+
+
+def read_prompts(path: Path) -> list:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def chat(prompts: list) -> list:
+    return [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+
+
+def build_data(point: Point, expert: str, seed: int, model, tokenizer, out: Path) -> Path:
+    from softpo.prefs import build_preferences, write_jsonl
+    from softpo.tasks.experts import load_scorer
+
+    key = "_".join(str(x) for x in point.data_key)
+    path = out / f"prefs_{expert}_s{seed}_{key}.jsonl"
+    if path.is_file():
+        return path
+    scorer, _ = load_scorer(EXPERTS[expert], None)
+    kw = {"keep_ties": True} if point.keep_ties else {}
+    rows, stats = build_preferences(model, tokenizer, chat(read_prompts(TRAIN)), scorer, n=point.n,
+                                    max_new_tokens=32, seed=seed, fmt=point.fmt,
+                                    pairing=point.pairing, temperature=point.bt_temperature,
+                                    pairs_per_prompt=point.pairs_per_prompt, progress=False, **kw)
+    write_jsonl(path, rows)
+    return path
+
+
+def evaluate(model, tokenizer, reference, expert: str, seed: int) -> dict:
+    from softpo.config import DataConfig
+    from softpo.evaluation import evaluate_samples
+    from softpo.tasks.experts import load_callable
+
+    reward = load_callable(EXPERTS[expert])
+    metrics, records = evaluate_samples(model, tokenizer, chat(read_prompts(HELDOUT)), DataConfig(),
+                                        reference, 4, 32, seed=10_000 + seed, reward_fn=reward)
+    out = metrics.as_dict()
+    rewards = [r for _, _, r in records]
+    out["reward_sd"] = statistics.pstdev(rewards)
+    out["words"] = statistics.fmean(len(t.split()) for _, t, _ in records)
+    return out
+
+
+def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -> dict:
+    import torch
+
+    from softpo.config import ModelConfig, load_config
+    from softpo.models import load_model, load_tokenizer
+    from softpo.trainer import Trainer
+
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(name_or_path=base_path)
+    tokenizer = load_tokenizer(mcfg)
+    base = load_model(mcfg, tokenizer, seed=seed).eval()
+    t0 = time.perf_counter()
+    if point.loss == "none":
+        result = evaluate(base, tokenizer, None, expert, seed)
+        result["kl"] = 0.0
+        return result | {"seconds": round(time.perf_counter() - t0, 1)}
+    prefs = build_data(point, expert, seed, base, tokenizer, out)
+    del base
+    run_dir = out / "runs" / f"{expert}_s{seed}_{point.name}"
+    cfg = load_config(ROOT / "configs" / "smollm2_lora.yaml", [
+        f"model.name_or_path={base_path}", f"data.train={prefs}", f"loss.name={point.loss}",
+        f"loss.alpha={point.alpha}", f"loss.beta={point.beta}", f"loss.gamma={point.gamma}",
+        f"train.max_steps={point.steps}", f"train.output_dir={run_dir}", f"train.seed={seed}",
+        "train.save_steps=0", "train.eval_steps=0", "train.progress=false",
+        "train.report_to=[jsonl]", *point.overrides])
+    trainer = Trainer(cfg)
+    train_metrics = trainer.train()
+    from softpo.tracking import read_metrics
+
+    start = {k[len("start/"):]: v for row in read_metrics(run_dir / "metrics.jsonl")
+             for k, v in row.items() if k.startswith("start/")}
+    from softpo.logprobs import Reference
+
+    policy = trainer.model.eval()
+    result = evaluate(policy, trainer.tokenizer, Reference(policy, adapter_toggle=True), expert,
+                      seed)
+    result.update({f"train_{k}": v for k, v in train_metrics.items()
+                   if k in ("pref_loss", "kl", "rewards/accuracies", "pref_saturated")})
+    result.update({f"start_{k}": v for k, v in start.items()})
+    return result | {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--expert", choices=sorted(EXPERTS), required=True)
+    p.add_argument("--points", default=None, help="comma-separated point names (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "expert_study")
+    a = p.parse_args(argv)
+    import torch
+
+    from softpo.models import fetch_default
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base_path = str(fetch_default(progress=False))
+    table = points()
+    names = a.points.split(",") if a.points else list(table)
+    a.out.mkdir(parents=True, exist_ok=True)
+    log = a.out / "points.jsonl"
+    done = {(r["expert"], r["seed"], r["point"]) for r in map(json.loads, log.read_text()
+                                                               .splitlines())} if log.is_file() else set()
+    for seed in a.seeds:
+        for name in names:
+            if (a.expert, seed, name) in done:
+                continue
+            result = run_point(table[name], a.expert, seed, base_path, a.out)
+            row = {"expert": a.expert, "seed": seed, "point": name, **vars(table[name]), **result}
+            row["overrides"] = list(row["overrides"])
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{a.expert} seed {seed} {name:<18} reward {result['reward']:.3f} "
+                  f"kl {result['kl']:.3f} entropy {result['entropy']:.2f} words "
+                  f"{result['words']:.1f} ({result['seconds']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
