@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ class RunData:
     eval_set: list[TokenizedExample]
     reg_prompts: list  # strings or conversations
     reports: list[DataReport]
+    online_prompts: list = field(default_factory=list)  # online SPO's prompts, when it is on
 
 
 def _check_kinds(spec: LossSpec, kinds: set[str], where: str) -> None:
@@ -73,7 +74,9 @@ def load_data(cfg: Config, tokenizer, spec: LossSpec, train: Any = None,
     d = cfg.data
     source, name = (d.train, None) if train is None else (train, _name(train, "train_dataset"))
     if source is None or isinstance(source, str) and not source:
-        raise UserError("config key 'data.train': give a preference file or dataset")
+        if not cfg.online.enabled:
+            raise UserError("config key 'data.train': give a preference file or dataset")
+        return _online_only(cfg, tokenizer, spec, eval)
     rows, report = load_preferences(source, d, name=name)
     reports, eval_report = [report], report  # held-out rows split off train are counted with it
     eval_source = d.eval if eval is None else eval
@@ -94,7 +97,43 @@ def load_data(cfg: Config, tokenizer, spec: LossSpec, train: Any = None,
         raise UserError(f"{report.source}: no usable training rows")
     prompts = read_prompts(d.regularizer_prompts) if d.regularizer_prompts else \
         prompts_from_examples(rows)
-    return RunData(train_set, eval_set, prompts, reports)
+    return RunData(train_set, eval_set, prompts, reports, online_prompts(cfg, spec, rows))
+
+
+def online_prompts(cfg: Config, spec: LossSpec, rows: list) -> list:
+    """Online SPO's prompts: `online.prompts`, else the distinct prompts of the training rows,
+    string prompts wrapped as a user message with `online.chat`; [] when online is off. Checks
+    that the loss reads `online.format` rows."""
+    from softpo.prefs import chat_prompts
+
+    o = cfg.online
+    if not o.enabled:
+        return []
+    if o.format not in COMPATIBLE[spec.data_kind]:
+        raise UserError(f"config key 'online.format': loss '{spec.name}' needs {spec.data_kind} "
+                        f"data, not {o.format} rows")
+    return chat_prompts(read_prompts(o.prompts) if o.prompts else prompts_from_examples(rows),
+                        o.chat)
+
+
+def _online_only(cfg: Config, tokenizer, spec: LossSpec, eval: Any) -> RunData:
+    """No offline training data: every training row comes from online refreshes, the first at
+    step 0; held-out rows only from `data.eval` (or `eval`)."""
+    if not cfg.online.prompts:
+        raise UserError("config key 'online.prompts': give a prompt file: data.train is empty, "
+                        "so there are no training prompts to answer")
+    if cfg.online.start != 0:
+        raise UserError("config key 'online.start': must be 0 when data.train is empty "
+                        "(training starts from the first refresh)")
+    eval_source, evals, reports = cfg.data.eval if eval is None else eval, [], []
+    if eval_source is not None and (not isinstance(eval_source, str) or eval_source):
+        evals, report = load_preferences(eval_source, cfg.data, name=None if eval is None else
+                                         _name(eval, "eval_dataset"))
+        reports.append(report)
+    eval_set = tokenize_examples(evals, tokenizer, cfg.data, reports[0] if reports else None)
+    prompts = online_prompts(cfg, spec, [])
+    reg = read_prompts(cfg.data.regularizer_prompts) if cfg.data.regularizer_prompts else prompts
+    return RunData([], eval_set, reg, reports, prompts)
 
 
 def _name(source: Any, what: str) -> str:

@@ -21,6 +21,9 @@ import yaml
 from softpo.errors import UserError
 
 PACKINGS = ("none", "padding_free", "shared_prompt")
+FORMATS = ("pairs", "best_of_n", "ranked")  # rows an expert's labels are written as
+PAIRINGS = ("bt", "best-worst")  # how an expert's rewards become labels (softpo.prefs)
+MIXES = ("replace", "append")  # online rows and the offline data
 
 
 def doc(default: Any, help: str, **kw: Any) -> Any:
@@ -151,6 +154,51 @@ class RegularizerConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online SPO: every `every` steps the current policy answers new prompts, an expert scores the answers and labels them into preference rows (as `softpo build-prefs` does), and the following steps train on them (docs/experts.md, "Online SPO")."""
+
+    enabled: bool = doc(False, "Turn online refreshes on.")
+    expert: str | None = doc(None, "The expert as `module:function`, `reward(prompt, response) -> "
+                             "float`, higher is better (exactly one of `expert` and "
+                             "`reward_model`).")
+    reward_model: str | None = doc(None, "Or a sequence-classification reward model with one "
+                                   "output (folder or hub name; safetensors weights only).")
+    prompts: str | None = doc(None, "Prompt file (JSONL with `prompt`, or .txt one per line); "
+                              "default: the training data's prompts. Needed when `data.train` is "
+                              "empty.")
+    chat: bool = doc(False, "Wrap string prompts as one user message (as `build-prefs --chat`), so "
+                     "a chat model answers them through its chat template.")
+    responses: int = doc(4, "Responses sampled per prompt (pure sampling at temperature 1), >= 2.")
+    max_new_tokens: int = doc(32, "Length cap of sampled responses.")
+    every: int = doc(10, "Refresh every this many optimiser steps.")
+    start: int = doc(0, "Step of the first refresh (then `start + every`, ...). Must be 0 when "
+                     "`data.train` is empty.")
+    prompts_per_refresh: int = doc(16, "Prompts answered at each refresh, in all (the processes "
+                                   "share them); the next ones of a seeded stream over the "
+                                   "prompt set.")
+    sample_batch: int = doc(8, "Prompts per sampling call. Groups of this many prompts are the "
+                            "unit the processes share out, each sampled with its own seed, so N "
+                            "processes draw exactly what one process draws.")
+    format: str = doc("pairs", "Row format: `pairs`, `best_of_n` or `ranked` (as `build-prefs "
+                      "--format`); the loss must read it.")
+    pairing: str = doc("bt", "Labels: `bt` (drawn from Bradley-Terry / Luce / Plackett-Luce at "
+                       "`bt_temperature`) or `best-worst` (deterministic), as `build-prefs "
+                       "--pairing`.")
+    bt_temperature: float = doc(1.0, "Temperature T of the `bt` labels, P(a > b) = "
+                                "sigmoid((r_a - r_b) / T); > 0.")
+    pairs_per_prompt: int = doc(1, "`bt` pairs: pairs drawn per prompt (0: all pairs).")
+    keep_ties: bool = doc(False, "Compare tied responses by a fair coin instead of skipping them "
+                          "(as `build-prefs --keep-ties`).")
+    mix: str = doc("replace", "The offline data once the first refresh has happened. `replace`: "
+                   "batches come from the online pool alone (data.train is read before "
+                   "`start` only); `append`: from data.train and the online pool together, "
+                   "uniformly.")
+    buffer: int = doc(1, "Refreshes whose rows make up the online pool: 1 keeps only the newest "
+                      "rows (on-policy), k the last k refreshes, 0 every refresh so far. A "
+                      "refresh that yields no row does not push older rows out.")
+
+
+@dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
@@ -200,6 +248,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -436,10 +485,15 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     need(bool(cfg.train.project.strip()), "train.project", "must not be empty")
     if cfg.model.name_or_path == "tiny":  # learned positions (gpt2) cannot go past n_positions
         d = cfg.data
-        longest = max(d.max_length, d.max_prompt_length + cfg.regularizer.max_new_tokens)
+        new = max(cfg.regularizer.max_new_tokens,
+                  cfg.online.max_new_tokens if cfg.online.enabled else 0)
+        longest = max(d.max_length, d.max_prompt_length + new)
         need(longest <= cfg.model.tiny.n_positions, "model.tiny.n_positions",
              f"{cfg.model.tiny.n_positions} is shorter than the longest sequence ({longest}: "
-             "data.max_length, or data.max_prompt_length + regularizer.max_new_tokens)")
+             "data.max_length, or data.max_prompt_length + regularizer.max_new_tokens or "
+             "online.max_new_tokens)")
+    if cfg.online.enabled:
+        validate_online(cfg, need)
     if cfg.loss.module:
         problem = import_problem(cfg.loss.module)
         need(problem is None, "loss.module", problem or "")
@@ -451,6 +505,30 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
          f"unknown loss '{cfg.loss.name}' (known: {', '.join(sorted(LOSSES))})")
     need(LOSSES[cfg.loss.name].is_spo or cfg.loss.beta > 0, "loss.beta",
          f"must be > 0 for {cfg.loss.name} (it is the inverse temperature)")
+
+
+def validate_online(cfg: Config, need) -> None:
+    """The `online` section's ranges and the settings it cannot be combined with."""
+    o = cfg.online
+    need((o.expert is None) != (o.reward_model is None), "online.expert",
+         "give exactly one of online.expert (module:function) and online.reward_model (a "
+         "reward model folder or hub name)")
+    need(o.responses >= 2, "online.responses", f"must be >= 2, got {o.responses}")
+    need(o.max_new_tokens >= 1, "online.max_new_tokens", "must be >= 1")
+    need(o.every >= 1, "online.every", "must be >= 1")
+    need(0 <= o.start < cfg.train.max_steps, "online.start",
+         f"must be in [0, train.max_steps) = [0, {cfg.train.max_steps}), got {o.start}")
+    need(o.prompts_per_refresh >= 1, "online.prompts_per_refresh", "must be >= 1")
+    need(o.sample_batch >= 1, "online.sample_batch", "must be >= 1")
+    need(o.format in FORMATS, "online.format", f"must be one of {', '.join(FORMATS)}")
+    need(o.pairing in PAIRINGS, "online.pairing", f"must be one of {', '.join(PAIRINGS)}")
+    need(o.bt_temperature > 0, "online.bt_temperature", "must be > 0")
+    need(o.pairs_per_prompt >= 0, "online.pairs_per_prompt", "must be >= 0 (0: all pairs)")
+    need(o.mix in MIXES, "online.mix", f"must be one of {', '.join(MIXES)}")
+    need(o.buffer >= 0, "online.buffer", "must be >= 0 (0: every refresh)")
+    need(not cfg.loss.precompute_ref_logps, "loss.precompute_ref_logps",
+         "cannot be combined with online.enabled: online rows are new at every refresh, so "
+         "their reference log-probs come from the reference forward each step (set it to false)")
 
 
 def import_problem(module: str) -> str | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -96,10 +96,12 @@ def _decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def states_at(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-              position_ids: Tensor | None, lengths: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Decoder states at (rows, cols), (N, H), running the rows in length groups (see the module
-    docstring). `lengths` (R,): tokens before each row's padding; a 4-D mask is sliced on both axes."""
-    groups = length_groups(lengths.tolist(), LENGTH_BUCKETS)
+              position_ids: Tensor | None, lengths: Tensor, rows: Tensor, cols: Tensor,
+              max_groups: int = LENGTH_BUCKETS) -> Tensor:
+    """Decoder states at (rows, cols), (N, H), running the rows in at most `max_groups` length
+    groups (see the module docstring). `lengths` (R,): tokens before each row's padding; a 4-D
+    mask is sliced on both axes."""
+    groups = length_groups(lengths.tolist(), max_groups)
     if len(groups) <= 1:
         return _decoder_hidden(model, input_ids, attention_mask, position_ids)[rows, cols]
     group_of = torch.empty(input_ids.shape[0], dtype=torch.long, device=rows.device)
@@ -129,32 +131,37 @@ def row_lengths(attention_mask: Tensor) -> Tensor:
 
 
 def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                    response_mask: Tensor, position_ids: Tensor | None = None) -> ResponseStates:
+                    response_mask: Tensor, position_ids: Tensor | None = None,
+                    max_groups: int = LENGTH_BUCKETS) -> ResponseStates:
     """Run the decoder over all rows and keep the states that predict response tokens."""
     target = response_mask.clone()
     target[:, 0] = False  # the first token has no predecessor
     rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
     hidden = states_at(model, input_ids, attention_mask, position_ids, row_lengths(attention_mask),
-                       rows, cols - 1)
+                       rows, cols - 1, max_groups)
     return ResponseStates(hidden, input_ids[rows, cols], rows, cols)
 
 
-def packed_states(model: nn.Module, packed: PackedRows) -> ResponseStates:
+def packed_states(model: nn.Module, packed: PackedRows, max_groups: int = LENGTH_BUCKETS
+                  ) -> ResponseStates:
     """Packed rows (see softpo/packing.py); the states are indexed by response (`rows` = response
     index) so that sums over `cols` give per-response sums."""
     hidden = states_at(model, packed.input_ids, packed.attention_mask, packed.position_ids,
-                       packed.lengths, packed.rows, packed.prev)
+                       packed.lengths, packed.rows, packed.prev, max_groups)
     return ResponseStates(hidden, packed.input_ids[packed.rows, packed.cols], packed.owner,
                           packed.cols)
 
 
-def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int) -> Tensor:
+def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int,
+                 max_groups: int = LENGTH_BUCKETS) -> Tensor:
     """Per-token log-probs of the response tokens on an (R, T) grid, R = responses, 0 elsewhere:
     from padded rows (column t = position t) or packed rows (column = position in the packed row)."""
     if isinstance(rows, PackedRows):
-        states, shape = packed_states(model, rows), (rows.num_responses, rows.input_ids.shape[1])
+        states = packed_states(model, rows, max_groups)
+        shape = (rows.num_responses, rows.input_ids.shape[1])
     else:
-        states = response_states(model, rows.input_ids, rows.attention_mask, rows.response_mask)
+        states = response_states(model, rows.input_ids, rows.attention_mask, rows.response_mask,
+                                 max_groups=max_groups)
         shape = tuple(rows.input_ids.shape)
     head = hf_model(model).get_output_embeddings()
     return scatter_rows(label_logps(states, head, chunk_size), states, shape)
@@ -302,21 +309,31 @@ class PolicyScorer(nn.Module):
 
     One call scores the preference rows and, when given, the regulariser's sample rows (with the
     reference's states for the exact per-position KL). Everything that needs gradient goes through
-    `forward`, which is what Accelerate's DDP wrapper synchronises.
+    `forward`, which is what Accelerate's DDP wrapper synchronises. `length_buckets`: the most
+    length groups a call runs (1 under FSDP, where every process must run as many decoder
+    forwards; `softpo.distributed`).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
+                 length_buckets: int = LENGTH_BUCKETS):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.length_buckets = length_buckets
 
     def _ctx(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
 
-    def forward(self, rows: Rows | PackedRows, samples: Rows | None = None, ref_sample_hidden: Tensor | None = None,
-                ref_head: Callable[[Tensor], Tensor] | None = None) -> Scores:
-        """Score the preference rows and, when given, the regulariser's samples."""
+    def forward(self, rows: Rows | PackedRows | None = None, samples: Rows | None = None,
+                ref_sample_hidden: Tensor | None = None,
+                ref_head: Callable[[Tensor], Tensor] | None = None, *,
+                call: Callable[[nn.Module], Any] | None = None) -> Scores:
+        """Score the preference rows and, when given, the regulariser's samples. With `call`,
+        instead `call(model)` inside this forward, where an engine that gathers parameters in
+        forward hooks (FSDP2) has gathered them (`softpo.distributed.call_whole`)."""
+        if call is not None:
+            return call(self.model)
         device = rows.input_ids.device
         with self._ctx(device):
             if not has_plain_head(self.model):
@@ -327,7 +344,7 @@ class PolicyScorer(nn.Module):
             if samples is None:
                 return Scores(logps)
             states = response_states(self.model, samples.input_ids, samples.attention_mask,
-                                     samples.response_mask)
+                                     samples.response_mask, max_groups=self.length_buckets)
             shape = tuple(samples.input_ids.shape)
             if ref_sample_hidden is None:  # sequence-level estimators need no full distributions
                 head = hf_model(self.model).get_output_embeddings()
@@ -338,7 +355,7 @@ class PolicyScorer(nn.Module):
             return Scores(logps, scatter_rows(lp, states, shape), scatter_rows(kl, states, shape))
 
     def _score(self, rows: Rows | PackedRows) -> Tensor:
-        return score_tokens(self.model, rows, self.chunk_size)
+        return score_tokens(self.model, rows, self.chunk_size, self.length_buckets)
 
 
 class Reference:

@@ -305,15 +305,18 @@ def _friendly_errors(name: str, source: str):
 # ---------------------------------------------------------------- saving
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | Path,
-                           extra_files: dict[str, str] | None = None, base_model=None) -> Path:
+                           extra_files: dict[str, str] | None = None, base_model=None,
+                           state_dict: dict | None = None) -> Path:
     """save_pretrained (safetensors) into a temporary sibling folder, `extra_files` last, then
-    rename it into place; an existing folder is replaced. Readers never see a half-written folder."""
+    rename it into place; an existing folder is replaced. Readers never see a half-written folder.
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp, **_safetensors_kwarg(model))
+        weights = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, **_safetensors_kwarg(model), **weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if base_model is not None:  # an adapter whose base cannot be loaded by name (tiny)

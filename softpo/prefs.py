@@ -60,12 +60,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softpo.config import DataConfig
+from softpo.config import FORMATS, PAIRINGS, DataConfig
 from softpo.errors import UserError
 from softpo.sampling import sample_prompts
-
-FORMATS = ("pairs", "best_of_n", "ranked")
-PAIRINGS = ("bt", "best-worst")
 
 
 # ---------------------------------------------------------------- labelling (pure)
@@ -208,6 +205,45 @@ def distinct_responses(texts: list[str]) -> tuple[list[str], list[int]]:
     return kept, where
 
 
+@dataclass(frozen=True)
+class Labelling:
+    """How a prompt's scored responses become rows: the format, the pairing, the Bradley-Terry
+    temperature, the bt pairs per prompt and whether ties are compared (module docstring)."""
+
+    fmt: str = "pairs"
+    pairing: str = "bt"
+    temperature: float = 1.0
+    pairs_per_prompt: int = 1
+    keep_ties: bool = False
+
+
+def label_prompt(prompt: Any, kept: list[str], where: list[int], rewards: list[float],
+                 labelling: Labelling, rng: random.Random, stats: BuildStats) -> list[dict]:
+    """Rows for one prompt from its distinct responses `kept` (`distinct_responses`) and their
+    rewards, labelled with `rng`; the prompt's samples, rows, ties and skips counted in `stats`.
+    build-prefs and online SPO (`softpo.online`) label through this one function."""
+    _count(stats, kept, where, rewards)
+    rows = make_rows(prompt, kept, rewards, labelling.fmt, labelling.pairing,
+                     labelling.temperature, rng, labelling.pairs_per_prompt, labelling.keep_ties)
+    stats.tied += sum(map(has_tie, rows))
+    if not rows:
+        stats.skipped_too_few += len(kept) < 2
+        stats.skipped_ties += len(kept) >= 2
+    stats.rows += len(rows)
+    return rows
+
+
+def chat_prompts(prompts: list, chat: bool) -> list:
+    """With `chat`, string prompts become one user message; conversations stay as they are."""
+    return [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p
+            for p in prompts]
+
+
+def prompt_key(prompt: Any) -> str:
+    """A prompt (a string or a conversation) as one hashable, JSON-able string."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_new_tokens: int,
                       seed: int, fmt: str = "pairs", pairing: str = "bt", temperature: float = 1.0,
                       pairs_per_prompt: int = 1, batch_size: int = 8, chat: bool = False,
@@ -222,8 +258,8 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
     if fmt not in FORMATS or pairing not in PAIRINGS or n < 2 or not temperature > 0:
         raise UserError(f"build_preferences: need fmt in {FORMATS}, pairing in {PAIRINGS}, n >= 2 "
                         f"and temperature > 0 (got {fmt!r}, {pairing!r}, {n}, {temperature})")
-    prompts = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p
-               for p in prompts]
+    prompts = chat_prompts(prompts, chat)
+    labelling = Labelling(fmt, pairing, temperature, pairs_per_prompt, keep_ties)
     rows, stats, data_cfg = [], BuildStats(), data_cfg or DataConfig()
     bar = tqdm(total=len(prompts), unit="prompt", desc="build-prefs", disable=not progress)
     for start in range(0, len(prompts), batch_size):
@@ -236,17 +272,9 @@ def build_preferences(model, tokenizer, prompts: list, scorer, *, n: int, max_ne
         scores = iter(scorer([f[0] for f in flat], [f[1] for f in flat]) if flat else [])
         for p, (prompt, (kept, where)) in enumerate(zip(chunk, distinct)):
             rewards = [next(scores) for _ in kept]
-            _count(stats, kept, where, rewards)
             rng = random.Random(f"build-prefs:{seed}:{start + p}")
-            new = make_rows(prompt, kept, rewards, fmt, pairing, temperature, rng, pairs_per_prompt,
-                            keep_ties)
-            stats.tied += sum(map(has_tie, new))
-            if not new:
-                stats.skipped_too_few += len(kept) < 2
-                stats.skipped_ties += len(kept) >= 2
-            rows += new
+            rows += label_prompt(prompt, kept, where, rewards, labelling, rng, stats)
         stats.prompts += len(chunk)
-        stats.rows = len(rows)
         bar.update(len(chunk))
         bar.set_postfix(reward=f"{statistics.fmean(stats.rewards):.3f}" if stats.rewards else "-",
                         rows=len(rows))

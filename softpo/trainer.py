@@ -1,6 +1,8 @@
 """The training loop: explicit, on Accelerate.
 
 One optimiser step (`Trainer.train_step`):
+  0. at online refresh steps (`online.enabled`): new preference rows sampled from the current
+     policy and labelled by the expert (`softpo.online`), read by this and the following steps;
   1. every `sample_every` steps (SPO with beta > 0): fresh samples y ~ pi_theta(.|x) for the
      regulariser's prompts, and the reference's view of them (`softpo.regularizer`, no grad);
   2. for each of `grad_accum` micro-batches: one forward of the policy over every response of the
@@ -15,6 +17,7 @@ from (data, models, optimiser) comes from `softpo.build`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from softpo import checkpoint
+from softpo import checkpoint, distributed, preemption
 from softpo.build import (build_optimizer, build_policy, build_reference, examples_data,
                           learning_rate, load_data, loss_params, needs_reference, packing_style,
                           reference_cache, regularizer_active)
@@ -32,6 +35,7 @@ from softpo.config import Config, load_config, save_config, to_dict
 from softpo.errors import NonFiniteError, UserError
 from softpo.logprobs import DEFAULT_CHUNK, PolicyScorer
 from softpo.losses import LOSSES, ListLogps
+from softpo.online import Online
 from softpo.packing import PackedRows, Rows
 from softpo.regularizer import Regularizer, RegularizerState
 from softpo.tracking import MetricsWriter, tracker_problem
@@ -66,8 +70,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator=None, *, tokenizer=None, model: nn.Module = None,
                  train_dataset=None, eval_dataset=None, examples: list | None = None):
-        from accelerate import Accelerator
-
         from softpo.models import load_tokenizer, with_pad_token
 
         cfg = self.cfg = load_config(cfg)
@@ -81,8 +83,9 @@ class Trainer:
                 setattr(cfg.data, key, str(source))
         train_dataset, eval_dataset = (None if isinstance(x, (str, Path)) else x
                                        for x in (train_dataset, eval_dataset))
-        # On a machine without GPUs, cpu=True is what lets torchrun/accelerate start gloo DDP.
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # On a machine without GPUs: gloo DDP, or FSDP2 when the launch asks for FSDP.
+        self.acc = accelerator or distributed.accelerator(cfg.train.grad_accum,
+                                                          cfg.optim.max_grad_norm)
         self.spec, self.params = LOSSES[cfg.loss.name], loss_params(cfg)
         self.run_dir = Path(cfg.train.output_dir)
         self.tokenizer = load_tokenizer(cfg.model) if tokenizer is None else \
@@ -102,7 +105,10 @@ class Trainer:
             self._use_ref_cache()
         self.regularizer = Regularizer(cfg, self.data.reg_prompts, self.tokenizer, self.reference) \
             if regularizer_active(cfg, self.spec) else None
-        scorer = PolicyScorer(self.policy, DEFAULT_CHUNK, autocast=cfg.model.autocast_bf16)
+        self.online = Online(cfg, self.data.online_prompts, self.tokenizer, self.acc.device,
+                             has_offline=bool(self.train_set)) if cfg.online.enabled else None
+        scorer = PolicyScorer(self.policy, DEFAULT_CHUNK, autocast=cfg.model.autocast_bf16,
+                              **({"length_buckets": 1} if distributed.is_sharded(self.acc) else {}))
         optimizer = build_optimizer(cfg, scorer)
         self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)
         self.step = 0
@@ -141,13 +147,29 @@ class Trainer:
         """This process's examples for micro-batch `micro` of optimiser step `step`."""
         c, W, r = self.cfg.train, self.acc.num_processes, self.acc.process_index
         B = c.batch_size
-        start = step * B * c.grad_accum * W + (micro * W + r) * B
-        return [self.train_set[i] for i in stream_indices(len(self.train_set), start, B, c.seed)]
+        examples, origin, seed = self.train_set, 0, c.seed
+        if self.online is not None:  # the online pool from the latest refresh on
+            examples, origin, seed = self.online.source(step, self.train_set, c.seed)
+        start = (step - origin) * B * c.grad_accum * W + (micro * W + r) * B
+        return [examples[i] for i in stream_indices(len(examples), start, B, seed)]
 
     def refresh_samples(self, step: int) -> None:
         """Fresh regulariser samples for refresh step `step`, drawn from the current policy."""
-        self.regularizer.refresh(self.model, step, self.acc.process_index, self.acc.num_processes,
-                                 self.acc.device)
+        self.whole(lambda policy: self.regularizer.refresh(
+            policy, step, self.acc.process_index, self.acc.num_processes, self.acc.device))
+
+    def whole(self, fn, needed: bool = True):
+        """`fn(policy)`, the policy's parameters whole (FSDP2 gathers them: softpo.distributed)."""
+        return distributed.call_whole(self.acc, self.scorer, fn, needed)
+
+    def refresh_online(self, step: int) -> None:
+        """New online rows for refresh step `step`, drawn from the current policy and labelled by
+        the expert on every process together; their metrics logged at `step`."""
+        from accelerate.utils import gather_object
+
+        metrics = self.online.refresh(self.model, step, self.acc.process_index,
+                                      self.acc.num_processes, self.acc.device, gather_object)
+        self.writer.log(step, metrics)
 
     def rows(self, batch: PreferenceBatch) -> Rows | PackedRows:
         """The layout the forward pass runs: padded rows, or packed rows (softpo/packing.py)."""
@@ -165,7 +187,8 @@ class Trainer:
         """Reference log-probs of the batch's responses: from the cache, or a reference forward."""
         if self.ref_cache is not None:
             return self.ref_cache.lookup(batch.input_ids, batch.attention_mask, batch.response_mask)
-        return self.reference.sequence_logps(rows)
+        return self.whole(lambda _: self.reference.sequence_logps(rows),
+                          self.reference.adapter_toggle)  # LoRA: the policy, adapter off
 
     # ------------------------------------------------------------------ one step
 
@@ -200,6 +223,8 @@ class Trainer:
         c = self.cfg
         t0 = time.perf_counter()
         reg_on = self.regularizer is not None
+        if self.online is not None and self.online.due(self.step):
+            self.refresh_online(self.step)
         if reg_on and (self.reg is None or self.step % c.regularizer.sample_every == 0):
             self.refresh_samples(self.step)
         lr = learning_rate(c, self.step)
@@ -262,8 +287,10 @@ class Trainer:
         stats = StepStats()
         W, r, bs = self.acc.num_processes, self.acc.process_index, self.cfg.train.eval_batch_size
         mine = self.eval_set[r::W]
-        for start in range(0, len(mine), bs):
-            self.forward_loss(self.collate(mine[start:start + bs]), False, stats, 1.0)
+        for start in range(0, distributed.lockstep_rows(len(self.eval_set), self.acc), bs):
+            items = mine[start:start + bs]  # FSDP2: a stand-in batch where a process has none
+            self.forward_loss(self.collate(items or self.eval_set[:1]), False,
+                              stats if items else StepStats(), 1.0)
         names = sorted(set(stats.sums) | {"pref_loss"})
         totals = torch.tensor([[stats.sums.get(k, 0.0), stats.counts.get(k, 0.0)] for k in names],
                               device=self.acc.device, dtype=torch.float64)
@@ -297,7 +324,7 @@ class Trainer:
 
     def params_finite(self) -> bool:
         """Whether every parameter of the policy is finite."""
-        return all(bool(torch.isfinite(p).all()) for p in self.scorer.parameters())
+        return distributed.all_finite(self.acc, self.scorer.parameters())
 
     def save_checkpoint(self) -> None:
         """A crash-safe checkpoint of step `step` (softpo/checkpoint.py). Never during a run of
@@ -316,9 +343,12 @@ class Trainer:
         self.acc.save_state(str(directory), safe_serialization=True)
         if self.regularizer is not None:
             self.regularizer.save(directory, self.acc.process_index)
+        if self.online is not None and self.acc.is_main_process:  # the same on every process
+            self.online.save(directory)
 
     def resume(self) -> bool:
-        """Load the latest complete checkpoint, if any (weights, optimiser, RNG, samples)."""
+        """Load the latest complete checkpoint, if any (weights, optimiser, RNG, samples, online
+        rows)."""
         last = checkpoint.latest_complete(self.run_dir / "checkpoints")
         if last is None:
             return False
@@ -328,7 +358,11 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         if self.regularizer is not None:
-            self.regularizer.load(last, self.acc.process_index, self.acc.device)
+            self.whole(lambda _: self.regularizer.load(last, self.acc.process_index,
+                                                       self.acc.device),
+                       self.reference.adapter_toggle)
+        if self.online is not None:
+            self.online.load(last)
         return True
 
     def save_final(self, metrics: dict[str, float]) -> None:
@@ -339,6 +373,7 @@ class Trainer:
         if not self.params_finite():
             raise NonFiniteError(f"parameters are non-finite at step {self.step}; the final model "
                                  f"was not saved{self._last_good()}")
+        state = distributed.full_state_dict(self.acc, self.scorer)  # FSDP2: gathered shards
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             base = None  # an adapter whose base cannot be loaded by name
@@ -346,14 +381,20 @@ class Trainer:
                 base = build_tiny_model(self.cfg.model.tiny, self.tokenizer, self.cfg.train.seed)
             extra = {"config.yaml": _yaml(self.cfg), "README.md": model_card(self.cfg, metrics)}
             save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final",
-                                   extra_files=extra, base_model=base)
+                                   extra_files=extra, base_model=base, state_dict=state)
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ the run
 
     def train(self) -> dict[str, float]:
         """Run (or resume, with `train.resume`) to `train.max_steps`: log, evaluate and checkpoint
-        on schedule, then save `final/`. Returns the last logged and final held-out metrics."""
+        on schedule, then save `final/`. Returns the last logged and final held-out metrics.
+        SIGTERM or SIGINT: the step finishes, a checkpoint is written, `Preempted` is raised
+        (`softpo.preemption`)."""
+        with preemption.StopRequest() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: preemption.StopRequest) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         c = self.cfg.train
@@ -366,6 +407,9 @@ class Trainer:
             self.acc.print(f"resumed from step {self.step}")
         if self.regularizer is not None and self.reg is None and self.step > 0:
             self.refresh_samples(self.step - self.step % self.cfg.regularizer.sample_every)
+        if self.online is not None and self.online.last is None and \
+                self.step > self.cfg.online.start:  # a checkpoint without online rows
+            self.refresh_online(self.online.last_refresh_step(self.step - 1))
         if self.step == 0:
             self._check_saturation()
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"softpo {self.spec.name}",
@@ -381,14 +425,28 @@ class Trainer:
                 self.writer.log(self.step, last)
             if c.eval_steps and self.step % c.eval_steps == 0 and self.step < c.max_steps:
                 self.writer.log(self.step, self.evaluate())
-            if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps:
+            signal_name = stop.agreed(self.acc) if self.step < c.max_steps else None
+            if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps \
+                    or signal_name:
                 self.save_checkpoint()
+            if signal_name:
+                bar.close()
+                self.writer.close()
+                raise self._preempted(signal_name)
         bar.close()
         final_eval = self.evaluate()
         self.writer.log(self.step, final_eval)
         self.save_final({**last, **final_eval})
         self.writer.close()
         return {**last, **final_eval}
+
+    def _preempted(self, signal_name: str) -> preemption.Preempted:
+        """The stop after a signal, its line printed by the main process."""
+        stopped = preemption.Preempted(signal_name, self.step, self.cfg.train.max_steps,
+                                       checkpoint.latest_complete(self.run_dir / "checkpoints"))
+        if self.acc.is_main_process:
+            print(stopped, file=sys.stderr, flush=True)
+        return stopped
 
     def _check_saturation(self) -> None:
         """Log the start's saturation (`start/...`) and warn when most examples give no signal."""

@@ -60,7 +60,7 @@ def load_callable(spec: str) -> Callable[[Any, str], float]:
 
 def callable_scorer(fn: Callable[[Any, str], float], spec: str) -> Scorer:
     """Call `fn(prompt, response)` per pair; a non-number, non-finite value or exception is a
-    one-line UserError naming the expert."""
+    one-line UserError naming the expert and the prompt."""
     def score(prompts: list, responses: list[str]) -> list[float]:
         out = []
         for prompt, response in zip(prompts, responses):
@@ -69,22 +69,32 @@ def callable_scorer(fn: Callable[[Any, str], float], spec: str) -> Scorer:
             except UserError:
                 raise
             except Exception as e:
-                raise UserError(f"expert '{spec}' raised {type(e).__name__}: {_one_line(e)}") from None
-            out.append(_check_reward(value, spec))
+                raise UserError(f"expert '{spec}' raised {type(e).__name__}: {_one_line(e)} "
+                                f"(prompt {prompt_label(prompt)})") from None
+            out.append(_check_reward(value, spec, prompt))
         return out
     return score
 
 
-def _check_reward(value: Any, spec: str) -> float:
+def _check_reward(value: Any, spec: str, prompt: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(value)  # numpy / 0-d torch scalars
         except (TypeError, ValueError):
             raise UserError(f"expert '{spec}' returned {type(value).__name__} {value!r:.40}; "
-                            "expected a number") from None
+                            f"expected a number (prompt {prompt_label(prompt)})") from None
     if not math.isfinite(value):
-        raise UserError(f"expert '{spec}' returned {value}; rewards must be finite")
+        raise UserError(f"expert '{spec}' returned {value}; rewards must be finite "
+                        f"(prompt {prompt_label(prompt)})")
     return float(value)
+
+
+def prompt_label(prompt: Any, width: int = 60) -> str:
+    """A prompt named in one line: its text (a conversation: its last message), quoted, cut to
+    `width` characters."""
+    text = prompt if isinstance(prompt, str) else str((prompt or [{}])[-1].get("content", prompt))
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
 
 
 def _one_line(e: BaseException) -> str:
