@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EXPERTS = {"concise": "examples.experts.concise:reward", "style": "examples.experts.style:reward"}
+EXPERTS = {"concise": "examples.experts.concise:reward", "plain": "examples.experts.plain:reward"}
 TRAIN = ROOT / "examples" / "data" / "questions_train.jsonl"
 HELDOUT = ROOT / "examples" / "data" / "questions_heldout.jsonl"
 
