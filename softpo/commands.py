@@ -602,40 +602,58 @@ def export_command(args) -> int:
 # ---------------------------------------------------------------- softpo demo
 
 def demo_arguments(p) -> None:
-    """`softpo demo` and the settings it varies."""
-    from softpo.demo import DemoSettings
+    """`softpo demo [--sweep]` and the settings it varies."""
+    from softpo.demo import SWEEP, DemoSettings
 
     d = DemoSettings()
     p.add_argument("--out", default=d.out)
     p.add_argument("--model", default=d.model, help="`default` (embedded SmolLM2-135M-Instruct), a "
                    "hub name or folder, or `tiny` for a quick smoke run")
-    for name in ("train_prompts", "eval_prompts", "responses", "max_new_tokens", "eval_samples",
-                 "steps", "batch_size", "seed"):
+    p.add_argument("--task", default=d.task, help="shipped task family (softpo.tasks.TASKS; "
+                   "default %(default)s; arithmetic-compare: the original one-answer demo)")
+    p.add_argument("--sweep", action="store_true", help="the whole frontier: list flags not given "
+                   "take the sweep's values " + ", ".join(f"--{k.replace('_', '-')} "
+                                                          f"{' '.join(map(str, v))}"
+                                                          for k, v in SWEEP.items()))
+    for name in ("train_prompts", "eval_prompts", "max_new_tokens", "steps", "batch_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "spo_beta", "dpo_beta"):
+    p.add_argument("--responses", type=int, help="sampled per training prompt (default: the "
+                   "task's, 8 for choices, 4 for arithmetic)")
+    p.add_argument("--eval-samples", type=int, help="k sampled per held-out prompt (default: the "
+                   "task's, 8 for choices, 4 for arithmetic)")
+    for name in ("lr", "spo_beta", "peer_beta"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--task", default=d.task, help="shipped task family (softpo.tasks.TASKS)")
-    p.add_argument("--alphas", type=float, nargs="+", default=d.alphas)
+    for name in ("alphas", "dpo_betas", "hdpo_alphas", "temperatures"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, nargs="*",
+                       help=f"default {' '.join(map(str, getattr(d, name))) or 'none'}")
+    p.add_argument("--f-divergences", nargs="*", help="f-DPO divergences: forward_kl, "
+                   "js_divergence (default none)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
+    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds: a run per seed in "
+                       "OUT/seed<S>/ and their means (default with --sweep: 0 1 2)")
     p.add_argument("--no-progress", action="store_true")
+
+
+DEMO_LISTS = ("alphas", "dpo_betas", "hdpo_alphas", "temperatures", "f_divergences")
 
 
 def demo_command(args) -> int:
     """Run the demo (softpo/demo.py) and print its table."""
-    from softpo.demo import DemoSettings, results_table, run
+    from softpo.demo import DemoSettings, run, sweep_settings
+    from softpo.demo_report import results_table
 
-    s = DemoSettings(out=args.out, model=args.model, task=args.task, train_prompts=args.train_prompts,
-                     eval_prompts=args.eval_prompts, responses=args.responses,
-                     max_new_tokens=args.max_new_tokens, eval_samples=args.eval_samples,
-                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, alphas=args.alphas,
-                     spo_beta=args.spo_beta, dpo_beta=args.dpo_beta, seed=args.seed,
-                     progress=not args.no_progress)
-    ints = [s.train_prompts, s.eval_prompts, s.max_new_tokens, s.eval_samples, s.steps, s.batch_size]
-    if min(ints) < 1 or s.responses < 2 or s.lr <= 0 or min(s.alphas) <= 0 or s.dpo_beta <= 0 \
-            or s.spo_beta < 0:
-        raise UserError("demo settings must be positive (--responses >= 2, --alphas > 0)")
+    given = {k: getattr(args, k) for k in DEMO_LISTS if getattr(args, k) is not None}
+    if args.seed is not None or args.seeds is not None:
+        given["seeds"] = [args.seed] if args.seed is not None else args.seeds
+    fixed = {k: getattr(args, k) for k in ("out", "model", "task", "train_prompts", "eval_prompts",
+                                            "responses", "eval_samples", "max_new_tokens", "steps",
+                                            "batch_size", "lr", "spo_beta", "peer_beta")}
+    s = sweep_settings(**fixed, **given) if args.sweep else DemoSettings(**fixed, **given)
+    s.progress = not args.no_progress
     t0 = time.perf_counter()
-    results = run(s)
+    doc = run(s)
     print()
-    print(results_table(results))
-    print(f"\nreport: {Path(s.out) / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
+    print(results_table(doc))
+    print(f"\nreport: {Path(s.out) / 'results.md'}  ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -32,6 +32,20 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(grams) / total if total else 0.0
 
 
+def answer_key(text: str) -> str:
+    """A response as an answer: whitespace collapsed, one trailing period dropped, case folded
+    ("July.", " july" and "July" are one answer)."""
+    text = " ".join(text.split())
+    return (text[:-1] if text.endswith(".") else text).casefold()
+
+
+def distinct_successes(texts: list[str], successes: list[bool]) -> int:
+    """How many different answers (`answer_key`) the successful samples among `texts` give: of
+    k samples of a prompt with several right answers, 1 when the model repeats one right answer,
+    up to k when every success is another one."""
+    return len({answer_key(t) for t, ok in zip(texts, successes) if ok})
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased estimate of pass@k from n samples of which c succeeded (Chen et al., 2021):
 

@@ -13,6 +13,9 @@ samples are summarised. With P prompts, k samples each, rewards r_i and successe
     success          mean of s
     pass@j           for j = 1..k, the unbiased estimate 1 - C(k - c, j) / C(k, j) (c: the prompt's
                      successes; `softpo.evaluation.pass_at_k`), averaged over the prompts
+    distinct_correct the number of different answers among a prompt's successful samples (case,
+                     surrounding whitespace and a trailing period ignored:
+                     `softpo.evaluation.distinct_successes`), 0..k, averaged over the prompts
     distinct_1, _2   distinct word n-grams over all n-grams of a prompt's k samples, averaged over
                      the prompts that have any
     self_similarity  mean pairwise Jaccard similarity of the word sets of a prompt's k samples,
@@ -42,7 +45,8 @@ from typing import Callable
 
 from softpo.config import DataConfig
 from softpo.errors import UserError
-from softpo.evaluation import DrawnSamples, distinct_n, draw_samples, pass_at_k, self_similarity
+from softpo.evaluation import (DrawnSamples, distinct_n, distinct_successes, draw_samples,
+                               pass_at_k, self_similarity)
 from softpo.report import markdown_table
 
 SAMPLES, SUMMARY_JSON, SUMMARY_MD = "samples.jsonl", "summary.json", "summary.md"
@@ -78,6 +82,7 @@ class ModelEval:
     self_similarity: float
     length: float
     truncated: float
+    distinct_correct: float = 0.0
     kl: float | None = None
     entropy: float | None = None
 
@@ -132,6 +137,7 @@ def summarize(name: str, drawn: DrawnSamples, rewards: list[float], num_prompts:
         sd / math.sqrt(k)
     hits = [sum(rewards[j] >= s.success_threshold for j in idx) for idx in by_prompt]
     texts = [[drawn.texts[j] for j in idx] for idx in by_prompt]
+    right = [[rewards[j] >= s.success_threshold for j in idx] for idx in by_prompt]
     pure = s.temperature == 1.0
     logps = drawn.policy_logps.double()  # (S,)
     kl = float((logps - drawn.ref_logps.double()).mean()) \
@@ -145,6 +151,7 @@ def summarize(name: str, drawn: DrawnSamples, rewards: list[float], num_prompts:
         else float("nan"),
         length=float(drawn.lengths.double().mean()),
         truncated=float((~drawn.finished).double().mean()),
+        distinct_correct=statistics.fmean(map(distinct_successes, texts, right)),
         kl=kl, entropy=float(-logps.mean()) if pure else None)
 
 

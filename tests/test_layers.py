@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("labs and the demo",
      ["softpo.lab", "softpo.lab.optima", "softpo.lab.seqoptima", "softpo.lab.plots",
       "softpo.lab.seqmodel", "softpo.lab.tabular", "softpo.lab.sequence", "softpo.lab.seqreport",
-      "softpo.demo"]),
+      "softpo.demo_eval", "softpo.demo_report", "softpo.demo"]),
     ("the command line and the public face",
      ["softpo.commands", "softpo.lab.commands", "softpo.cli", "softpo"]),
 ]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from softpo import cli
-from softpo.evaluation import DrawnSamples, pass_at_k, self_similarity
+from softpo.evaluation import DrawnSamples, distinct_successes, pass_at_k, self_similarity
 from softpo.sampled_eval import ExpertCache, EvalSettings, summarize
 
 EXPERT = '''
@@ -50,6 +50,15 @@ def test_pass_at_k_hand_values_and_brute_force():
         pass_at_k(3, 1, 4)
 
 
+def test_distinct_successes_hand_values():
+    """Right answers "July", "july." and " July " are one answer, "June" another; a wrong "May"
+    does not count: 2. No success: 0."""
+    texts = ["July", "july.", " July ", "June", "May"]
+    assert distinct_successes(texts, [True, True, True, True, False]) == 2
+    assert distinct_successes(texts, [False] * 5) == 0
+    assert distinct_successes(["4", "4.", "four"], [True] * 3) == 2
+
+
 def test_self_similarity_hand_values():
     """Word sets {a, b}, {a, c}, {a, b}: Jaccard 1/3, 1, 1/3 over the three pairs -> 5/9. Two
     empty responses are identical (1); one sample has no pair (NaN)."""
@@ -65,7 +74,8 @@ def test_summary_by_hand():
     pass@1 = (2/3 + 0) / 2, pass@2 = (1 + 0) / 2, pass@3 = 1/2. Log-probs (-1, -2, -3 | -4, -5, -6),
     reference all -2: KL = mean(1, 0, -1, -2, -3, -4) = -1.5 (a Monte Carlo estimate can be
     negative), entropy 3.5. distinct-1: prompt 1 "a b", "a", "c" -> 3 of 4 words, prompt 2 "d d"
-    x 3 -> 1 of 6. self-sim: prompt 1 pairs 1/2, 0, 0 -> 1/6; prompt 2 -> 1."""
+    x 3 -> 1 of 6. self-sim: prompt 1 pairs 1/2, 0, 0 -> 1/6; prompt 2 -> 1. Different right
+    answers: prompt 1 "a b" and "c", prompt 2 none -> 1."""
     drawn = DrawnSamples(owners=[0, 0, 0, 1, 1, 1], texts=["a b", "a", "c", "d d", "d d", "d d"],
                          lengths=torch.tensor([2, 3, 4, 5, 6, 8]),
                          finished=torch.tensor([True, True, True, True, False, False]),
@@ -83,6 +93,7 @@ def test_summary_by_hand():
     assert m.distinct_2 == pytest.approx((1 + 1 / 3) / 2)  # "a b" | "d d" x 3: 1 of 3
     assert m.self_similarity == pytest.approx((1 / 6 + 1) / 2)
     assert (m.length, m.truncated) == (pytest.approx(28 / 6), pytest.approx(2 / 6))
+    assert m.distinct_correct == pytest.approx(1.0)
     hot = summarize("m", drawn, rewards, 2, EvalSettings(k=3, temperature=0.7))
     assert hot.kl is None and hot.entropy is None  # another distribution than the model's
 

@@ -2,9 +2,11 @@
 
 A task module defines `make_prompts(split, n, seed, **options) -> list[prompt]` (splits `train` and
 `test`, disjoint), `reward(prompt, response) -> float` and `SUCCESS_THRESHOLD` (a response with at
-least this reward is a success). `TASKS` maps a task name to its module and the options its prompts
-are made with; `get_task(name)` loads it. Every reward is also usable by name as an expert:
-`--expert softpo.tasks.arithmetic:reward`.
+least this reward is a success); a task whose answers form an enumerable set also defines
+`candidate_rows(split, n, seed, **options) -> list[{prompt, candidates, rewards}]` (the prompts of
+`make_prompts` with every candidate answer and its reward, for `softpo.candidates`). `TASKS` maps
+a task name to its module and the options its prompts are made with; `get_task(name)` loads it.
+Every reward is also usable by name as an expert: `--expert softpo.tasks.arithmetic:reward`.
 """
 
 from __future__ import annotations
@@ -37,18 +39,25 @@ TASKS: dict[str, tuple[str, dict, str]] = {
 
 @dataclass(frozen=True)
 class Task:
+    """A shipped task: its prompts, its expert reward and, where its answers form an enumerable
+    set, its candidate rows."""
+
     name: str
     make_prompts: Callable[..., list]  # (split, n, seed) -> prompts
     reward: Callable[..., float]  # (prompt, response) -> float
     success_threshold: float
     reward_spec: str  # `module:function`, for --expert
     description: str = ""
+    candidate_rows: Callable[..., list[dict]] | None = None  # (split, n, seed) -> rows, or None
 
 
 def get_task(name: str) -> Task:
+    """The task registered as `name` in `TASKS` (a UserError names the known ones)."""
     if name not in TASKS:
         raise UserError(f"unknown task '{name}' (known: {', '.join(sorted(TASKS))})")
     module_name, options, description = TASKS[name]
     module = importlib.import_module(module_name)
+    rows = getattr(module, "candidate_rows", None)
     return Task(name, functools.partial(module.make_prompts, **options), module.reward,
-                module.SUCCESS_THRESHOLD, f"{module_name}:reward", description)
+                module.SUCCESS_THRESHOLD, f"{module_name}:reward", description,
+                functools.partial(rows, **options) if rows is not None else None)
