@@ -28,6 +28,9 @@ def train(config_or_path: Config | str | Path | None = None, *overrides: str, mo
     of one's own: `model`, a causal LM (with its `tokenizer`); `train_dataset` / `eval_dataset`,
     a path or hub name, a `datasets.Dataset`, or a list of dicts in any of softpo's row formats.
     The run directory (`train.output_dir`) receives the config, metrics, checkpoints and `final/`.
+    SIGTERM or SIGINT while training: the step finishes, a checkpoint is written and
+    `softpo.preemption.Preempted` is raised (its message says where; `softpo train` exits with
+    code 75); the same call with `"train.resume=true"` continues exactly.
     """
     cfg = load_config(config_or_path, list(overrides))
     trainer = Trainer(cfg, tokenizer=tokenizer, model=model, train_dataset=train_dataset,

@@ -42,13 +42,17 @@ def train_arguments(p) -> None:
     p.add_argument("config", help="YAML config (see docs/config.md)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dpo loss.beta=0.1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.epilog = ("SIGTERM or SIGINT: the current step finishes, a checkpoint is written, one line "
+                "says where, and the exit code is 75; --resume continues exactly.")
 
 
 def train_command(args) -> int:
-    """Train from the config and overrides; print the final metrics and where the model is."""
+    """Train from the config and overrides; print the final metrics and where the model is.
+    Stopped by SIGTERM or SIGINT (`softpo.preemption`): exit code 75 after the checkpoint."""
     from softpo import checkpoint
     from softpo.config import load_config
     from softpo.errors import NonFiniteError
+    from softpo.preemption import EXIT_PREEMPTED, Preempted
     from softpo.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -59,6 +63,8 @@ def train_command(args) -> int:
         metrics = trainer.train()
     except (NonFiniteError, checkpoint.CheckpointError) as e:
         raise UserError(str(e)) from None
+    except Preempted:  # its line, saying where the checkpoint is, is printed already
+        return EXIT_PREEMPTED
     if not trainer.acc.is_main_process:
         return 0
     keys = [k for k in ("loss", "rewards/accuracies", "eval_rewards/accuracies", "eval_pref_loss", "kl")

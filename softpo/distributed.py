@@ -15,20 +15,26 @@ and output layer belong to the root. So:
   runs one padded block per call (`PolicyScorer(length_buckets=1)`) instead of length groups
   that depend on the process's rows, and evaluation runs as many batches on every process
   (`lockstep_rows`).
-* Forwards outside the training step's -- sampling with `generate()`, the LoRA reference (the
-  policy with its adapter off) -- go through `call_whole`: inside the root's forward (its
-  parameters gathered by its own hook), with every unit gathered once and kept whole
-  (`set_reshard_after_forward(False)`) until the call returns, then resharded. Nothing inside
-  communicates, so each process samples on its own, as under DDP, and draws what DDP draws; the
-  price is the whole model in memory for the length of the call (as FSDP1's
-  `summon_full_params`).
-* The final model is gathered (`full_state_dict`) and saved in Hugging Face format by the main
-  process; checkpoints are Accelerate's FSDP state (`fsdp_state_dict_type: SHARDED_STATE_DICT`:
-  each process writes its shard with torch.distributed.checkpoint).
+* Forwards outside the training step's -- sampling with `generate()` (the regulariser's and
+  online SPO's), the LoRA reference (the policy with its adapter off) -- go through
+  `call_whole`: inside the root's forward (its parameters gathered by its own hook), with every
+  unit gathered once and kept whole (`set_reshard_after_forward(False)`) until the call returns,
+  then resharded. Nothing of FSDP communicates inside, so each process samples on its own, as
+  under DDP, and draws what DDP draws; the price is the whole model in memory for the length of
+  the call (as FSDP1's `summon_full_params`).
+* The final model is gathered (`full_state_dict`, tied weights kept once) and saved in Hugging
+  Face format by the main process; checkpoints are Accelerate's FSDP state
+  (`fsdp_state_dict_type: SHARDED_STATE_DICT`: each process writes its shard of the weights and
+  of the optimiser with torch.distributed.checkpoint), resumed with `load_state`.
+* `fsdp_cpu_ram_efficient_loading` stays off: with it Transformers loads real weights on the
+  first process only, while softpo builds the policy (and the reference copied from it) on
+  every process; Accelerate's re-tying of the embeddings after its meta-device step also
+  misses the tied output layer of a wrapped model (two parameters, different gradients).
 
 Accelerate starts FSDP only on accelerators (GPUs, ...). FSDP2 itself runs on the CPU with gloo,
 so on a machine without GPUs `accelerator()` turns on the FSDP plugin the launch asked for
-(`accelerate launch --config_file configs/accelerate/fsdp.yaml`): the CPU test of the FSDP path.
+(`accelerate launch --config_file configs/accelerate/fsdp.yaml`): the CPU test of the FSDP path
+(tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -51,14 +57,20 @@ def engine_problem(grad_accum: int, max_grad_norm: float, env: Mapping[str, str]
                    cuda: bool | None = None) -> str | None:
     """Why softpo cannot run the engine the launch environment `env` asks for, or None.
 
-    FSDP must be FSDP2. DeepSpeed: not ZeRO-3 (softpo's chunked output layer reads
-    `lm_head.weight` outside the head's forward, where ZeRO-3 holds a partition), gradient
-    accumulation left to softpo (`train.grad_accum` and DeepSpeed's steps both 1: DeepSpeed would
-    divide the loss and step on its own schedule), DeepSpeed's clipping equal to
-    `optim.max_grad_norm`, and GPUs (Accelerate does not start DeepSpeed on the CPU; the run would
-    quietly be DDP)."""
-    if _flag(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1") != "2":
-        return "softpo runs FSDP as FSDP2: set fsdp_version: 2 in the Accelerate config"
+    FSDP must be FSDP2, without `cpu_ram_efficient_loading` (every process loads the model and,
+    for full fine-tuning, keeps the reference built from it). DeepSpeed: not ZeRO-3 (softpo's
+    chunked output layer reads `lm_head.weight` outside the head's forward, where ZeRO-3 holds a
+    partition), gradient accumulation left to softpo (`train.grad_accum` and DeepSpeed's steps
+    both 1: DeepSpeed would divide the loss and step on its own schedule), DeepSpeed's clipping
+    equal to `optim.max_grad_norm`, and GPUs (Accelerate does not start DeepSpeed on the CPU; the
+    run would quietly be DDP)."""
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        if env.get("FSDP_VERSION", "1") != "2":
+            return "softpo runs FSDP as FSDP2: set fsdp_version: 2 in the Accelerate config"
+        if _flag(env, "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+            return ("set fsdp_cpu_ram_efficient_loading: false in the Accelerate config: softpo "
+                    "builds the policy and its reference on every process (with it, Transformers "
+                    "loads real weights on the first process only)")
     if not _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         return None
     ds = _deepspeed_settings(env)
@@ -110,9 +122,13 @@ def accelerator(grad_accum: int = 1, max_grad_norm: float = 1.0):
     cpu = not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu)
     if cpu and acc.num_processes > 1 and _flag(os.environ, "ACCELERATE_USE_FSDP"):
+        from accelerate import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's variables
+        # Both shared states, as Accelerate sets them on GPUs: every later `AcceleratorState()`
+        # copies PartialState's distributed type over its own.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
     return acc
 
@@ -171,4 +187,17 @@ def full_state_dict(acc, scorer: nn.Module) -> dict[str, torch.Tensor] | None:
     if not is_sharded(acc):
         return None
     state = acc.get_state_dict(scorer)
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    tied = _tied_names(scorer)  # gathered as copies: kept once, as save_pretrained keeps them
+    return {k[len("model."):]: v for k, v in state.items()
+            if k.startswith("model.") and k not in tied}
+
+
+def _tied_names(module: nn.Module) -> set[str]:
+    """Names of parameters that are another, earlier name's parameter (tied embeddings)."""
+    first: dict[int, str] = {}
+    later = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            later.add(name)
+        first.setdefault(id(p), name)
+    return later

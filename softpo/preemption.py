@@ -7,21 +7,28 @@ then continues from that checkpoint exactly as if the run had not stopped.
 The handler only records the signal: it can arrive anywhere (inside a collective, a save, a
 forward). After every step each process contributes what it received to one all-reduce
 (`StopRequest.agreed`), so all processes stop after the same step even when the signal reached
-only one of them, or reached them at different moments (a launcher forwarding it, `kill` on one
-pid). A second signal while the first is pending restores the previous handlers and is delivered
-again: the behaviour without softpo, stop at once (SIGINT: KeyboardInterrupt; SIGTERM: killed).
+only one of them, or reached them at different moments (`kill` on one pid).
+
+A launcher forwards the signals it receives to its workers (torchrun and `accelerate launch` do,
+then SIGKILL them after `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds, 30 by default), and a terminal's
+Ctrl-C reaches the whole process group, so one request can arrive twice: a repeat within
+`REPEAT_S` seconds of the first signal is the same request. A later one restores the previous
+handlers and is delivered again: the behaviour without softpo, stop at once (SIGINT:
+KeyboardInterrupt; SIGTERM: killed).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 2.0  # a signal this soon after the first is the same request (forwarded, Ctrl-C)
 
 
 class Preempted(Exception):
@@ -47,6 +54,7 @@ class StopRequest:
 
     def __init__(self):
         self.received: int = 0  # the signal number, 0 for none
+        self._since = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -61,11 +69,11 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received:  # a second signal: stop at once, as without the handler
+        if not self.received:
+            self.received, self._since = signum, time.monotonic()
+        elif time.monotonic() - self._since > REPEAT_S:  # asked again: stop at once
             self.__exit__()
             signal.raise_signal(signum)
-            return
-        self.received = signum
 
     def agreed(self, acc) -> str | None:
         """Called after each step by every process together: the name of a signal some process

@@ -167,8 +167,9 @@ class Trainer:
         the expert on every process together; their metrics logged at `step`."""
         from accelerate.utils import gather_object
 
-        metrics = self.online.refresh(self.model, step, self.acc.process_index,
-                                      self.acc.num_processes, self.acc.device, gather_object)
+        metrics = self.whole(lambda policy: self.online.refresh(
+            policy, step, self.acc.process_index, self.acc.num_processes, self.acc.device,
+            gather_object))
         self.writer.log(step, metrics)
 
     def rows(self, batch: PreferenceBatch) -> Rows | PackedRows:
