@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from softpo.collate import TokenizedExample, collate, pad_token_id, stream_indices, tokenize_examples
+from softpo.collate import TokenizedExample, collate, collect, pad_token_id, stream_indices
 from softpo.config import Config
-from softpo.data import DataReport, load_preferences, prompts_from_examples, read_prompts
+from softpo.data import DataReport, distinct_prompts, read_prompts
 from softpo.errors import UserError
 from softpo.logprobs import Reference
 from softpo.losses import LossParams, LossSpec
+from softpo.tokcache import load_tokenized
 
 # the data kinds a loss can read: a ranked list or best-of-n row holds pairs, a ranking a winner
 COMPATIBLE = {"pairs": {"pairs"}, "best_of_n": {"pairs", "best_of_n", "ranked"},
@@ -70,40 +71,44 @@ def load_data(cfg: Config, tokenizer, spec: LossSpec, train: Any = None,
 
     `train` / `eval` override `cfg.data.train` / `cfg.data.eval`: a path or hub name, or in memory
     a `datasets.Dataset` or a list of dicts. Without held-out data, `data.eval_fraction` of the
-    training rows (at least 10 of them) is split off by a seeded permutation."""
+    training rows (at least 10 of them) is split off by a seeded permutation. Each source is
+    tokenised once and kept on disk with `data.cache_tokens` (softpo/tokcache.py)."""
     d = cfg.data
     source, name = (d.train, None) if train is None else (train, _name(train, "train_dataset"))
     if source is None or isinstance(source, str) and not source:
         if not cfg.online.enabled:
             raise UserError("config key 'data.train': give a preference file or dataset")
         return _online_only(cfg, tokenizer, spec, eval)
-    rows, report = load_preferences(source, d, name=name)
+    src = load_tokenized(source, tokenizer, d, name=name)
+    report = src.report
     reports, eval_report = [report], report  # held-out rows split off train are counted with it
-    eval_source = d.eval if eval is None else eval
+    n, eval_source = len(src.results), d.eval if eval is None else eval
+    train_rows: list[int] = list(range(n))  # positions in src.results / src.prompts
     if eval_source is not None and (not isinstance(eval_source, str) or eval_source):
-        evals, eval_report = load_preferences(eval_source, d, name=None if eval is None else
-                                              _name(eval, "eval_dataset"))
+        held = load_tokenized(eval_source, tokenizer, d, name=None if eval is None else
+                              _name(eval, "eval_dataset"))
+        evals, eval_report = held.results, held.report
         reports.append(eval_report)
-    elif d.eval_fraction > 0 and len(rows) >= 10:
-        order = stream_indices(len(rows), 0, len(rows), cfg.train.seed + 7)
-        cut = max(1, int(len(rows) * d.eval_fraction))
-        evals, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    elif d.eval_fraction > 0 and n >= 10:
+        order = stream_indices(n, 0, n, cfg.train.seed + 7)
+        cut = max(1, int(n * d.eval_fraction))
+        evals, train_rows = [src.results[i] for i in order[:cut]], order[cut:]
     else:
         evals = []
-    _check_kinds(spec, {e.kind for e in rows}, report.source)
-    train_set = tokenize_examples(rows, tokenizer, d, report)
-    eval_set = tokenize_examples(evals, tokenizer, d, eval_report)
+    _check_kinds(spec, {report.kind}, report.source)  # a source holds one kind of row
+    train_set = collect((src.results[i] for i in train_rows), d, report)
+    eval_set = collect(evals, d, eval_report)
     if not train_set:
         raise UserError(f"{report.source}: no usable training rows")
-    prompts = read_prompts(d.regularizer_prompts) if d.regularizer_prompts else \
-        prompts_from_examples(rows)
-    return RunData(train_set, eval_set, prompts, reports, online_prompts(cfg, spec, rows))
+    train_prompts = distinct_prompts(src.prompts[i] for i in train_rows)
+    prompts = read_prompts(d.regularizer_prompts) if d.regularizer_prompts else train_prompts
+    return RunData(train_set, eval_set, prompts, reports, online_prompts(cfg, spec, train_prompts))
 
 
-def online_prompts(cfg: Config, spec: LossSpec, rows: list) -> list:
-    """Online SPO's prompts: `online.prompts`, else the distinct prompts of the training rows,
-    string prompts wrapped as a user message with `online.chat`; [] when online is off. Checks
-    that the loss reads `online.format` rows."""
+def online_prompts(cfg: Config, spec: LossSpec, prompts: list) -> list:
+    """Online SPO's prompts: `online.prompts`, else `prompts` (the training rows' distinct
+    prompts), string prompts wrapped as a user message with `online.chat`; [] when online is off.
+    Checks that the loss reads `online.format` rows."""
     from softpo.prefs import chat_prompts
 
     o = cfg.online
@@ -112,8 +117,7 @@ def online_prompts(cfg: Config, spec: LossSpec, rows: list) -> list:
     if o.format not in COMPATIBLE[spec.data_kind]:
         raise UserError(f"config key 'online.format': loss '{spec.name}' needs {spec.data_kind} "
                         f"data, not {o.format} rows")
-    return chat_prompts(read_prompts(o.prompts) if o.prompts else prompts_from_examples(rows),
-                        o.chat)
+    return chat_prompts(read_prompts(o.prompts) if o.prompts else prompts, o.chat)
 
 
 def _online_only(cfg: Config, tokenizer, spec: LossSpec, eval: Any) -> RunData:
@@ -125,12 +129,12 @@ def _online_only(cfg: Config, tokenizer, spec: LossSpec, eval: Any) -> RunData:
     if cfg.online.start != 0:
         raise UserError("config key 'online.start': must be 0 when data.train is empty "
                         "(training starts from the first refresh)")
-    eval_source, evals, reports = cfg.data.eval if eval is None else eval, [], []
+    eval_source, eval_set, reports = cfg.data.eval if eval is None else eval, [], []
     if eval_source is not None and (not isinstance(eval_source, str) or eval_source):
-        evals, report = load_preferences(eval_source, cfg.data, name=None if eval is None else
-                                         _name(eval, "eval_dataset"))
-        reports.append(report)
-    eval_set = tokenize_examples(evals, tokenizer, cfg.data, reports[0] if reports else None)
+        held = load_tokenized(eval_source, tokenizer, cfg.data, name=None if eval is None else
+                              _name(eval, "eval_dataset"))
+        reports.append(held.report)
+        eval_set = collect(held.results, cfg.data, held.report)
     prompts = online_prompts(cfg, spec, [])
     reg = read_prompts(cfg.data.regularizer_prompts) if cfg.data.regularizer_prompts else prompts
     return RunData([], eval_set, reg, reports, prompts)

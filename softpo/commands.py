@@ -375,27 +375,36 @@ def data_check_arguments(p) -> None:
     p.add_argument("--split", default=d.split, help="split of HF datasets")
     p.add_argument("--skip-bad-rows", action="store_true", help="count bad rows instead of "
                    "stopping at the first")
+    p.add_argument("--no-cache", action="store_true", help="with --tokenizer: tokenise again "
+                   "instead of reading (and writing) the tokenised rows a run keeps on disk "
+                   "(data.cache_tokens)")
 
 
 def data_check_command(args) -> int:
-    """Validate each source and print its report; exit code 2 if any failed."""
+    """Validate each source and print its report; exit code 2 if any failed. With a tokenizer,
+    the rows are tokenised as a run tokenises them, through the same on-disk cache."""
     from softpo.config import DataConfig
     from softpo.data import load_preferences
 
     cfg = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                      on_bad_rows="skip" if args.skip_bad_rows else "error",
-                     chat_template=args.chat_template, split=args.split)
+                     chat_template=args.chat_template, split=args.split,
+                     cache_tokens=not args.no_cache)
     if not 0 < cfg.max_prompt_length < cfg.max_length:
         raise UserError("--max-prompt-length must be > 0 and < --max-length")
     tokenizer = _check_tokenizer(args.tokenizer) if args.tokenizer else None
     failed = False
     for source in args.files:
         try:
-            examples, report = load_preferences(source, cfg)
-            if tokenizer is not None:
-                from softpo.collate import tokenize_examples
+            if tokenizer is None:
+                _, report = load_preferences(source, cfg)
+            else:
+                from softpo.collate import collect
+                from softpo.tokcache import load_tokenized
 
-                tokenize_examples(examples, tokenizer, cfg, report)
+                src = load_tokenized(source, tokenizer, cfg)
+                report = src.report
+                collect(src.results, cfg, report)
             print(report.summary())
         except UserError as e:
             print(f"softpo: error: {e}", file=sys.stderr)

@@ -101,6 +101,13 @@ class DataConfig:
                            "`skip`: bad rows are skipped, counted and reported.")
     chat_template: str = doc("auto", "`auto`: conversational rows use the tokenizer's chat template; "
                              "`never`: render conversations as plain text.")
+    cache_tokens: bool = doc(True, "Keep each source's tokenised rows on disk "
+                             "(`$SOFTPO_CACHE/tokens`, default ~/.cache/softpo/tokens), keyed by "
+                             "the data's content, the tokenizer (its full serialised state, chat "
+                             "template and special tokens), the settings above that change the "
+                             "tokens and the code that reads and tokenises, so that a restart or a "
+                             "second run reads them instead of tokenising again (see "
+                             "softpo/tokcache.py). `false`: always tokenise.")
     regularizer_prompts: str | None = doc(None, "Prompt file (JSONL with `prompt`, or .txt one per "
                                           "line) for the global KL; default: the training prompts.")
 

@@ -33,9 +33,9 @@ import math
 import os
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterable, Iterator, NoReturn
 
 from softpo.config import DataConfig
 from softpo.errors import UserError
@@ -97,6 +97,18 @@ class DataReport:
         self.rows_kept += 1
         self.chat_rows += ex.is_chat
         self.responses_per_row[len(ex.responses)] += 1
+
+    def to_json(self) -> str:
+        """Every count and list as JSON (`from_json` reads it back)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps({**d, "responses_per_row": sorted(self.responses_per_row.items())})
+
+    @classmethod
+    def from_json(cls, text: str) -> "DataReport":
+        """The report `to_json` wrote."""
+        d = json.loads(text)
+        return cls(**{**d, "bad_rows": Counter(d["bad_rows"]),
+                      "responses_per_row": Counter(dict(d["responses_per_row"]))})
 
     def summary(self) -> str:
         """The report as the lines printed when training starts and by `softpo data check`."""
@@ -390,17 +402,30 @@ def load_preferences(source: Any, cfg: DataConfig, *, split: str | None = None,
                      name: str | None = None) -> tuple[list[PreferenceExample], DataReport]:
     """Read, validate and normalise every row of `source` (the trainer's entry point): a path or
     hub name, or in memory a `datasets.Dataset` or a list of dicts (`name` names it in messages)."""
-    if source is None or isinstance(source, (str, Path)) and not str(source):
-        raise UserError("no data source given (set data.train)")
-    if name is None:
-        name = str(source) if isinstance(source, (str, Path)) else "rows"
+    name = source_name(source, name)
     report = DataReport(source=name)
     examples = list(iter_preferences(source, split or cfg.split, report,
                                      skip=cfg.on_bad_rows == "skip"))
     if not examples:
-        first = f"; first: {report.messages[0]}" if report.messages else ""
-        raise UserError(f"no usable rows ({report.num_bad} bad rows skipped{first})", source=name)
+        raise no_usable_rows(report)
     return examples, report
+
+
+def source_name(source: Any, name: str | None = None) -> str:
+    """How messages name a source: `name`, else its path or hub name, else `rows`; no source at
+    all is an error."""
+    if source is None or isinstance(source, (str, Path)) and not str(source):
+        raise UserError("no data source given (set data.train)")
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else "rows"
+    return name
+
+
+def no_usable_rows(report: DataReport) -> UserError:
+    """The error for a source none of whose rows could be used."""
+    first = f"; first: {report.messages[0]}" if report.messages else ""
+    return UserError(f"no usable rows ({report.num_bad} bad rows skipped{first})",
+                     source=report.source)
 
 
 def read_prompts(path: str) -> list[Text]:
@@ -431,7 +456,13 @@ def read_prompts(path: str) -> list[Text]:
 
 def prompts_from_examples(examples: list[PreferenceExample]) -> list[Text]:
     """The distinct prompts of some examples, in first-seen order."""
-    seen: dict[str, Text] = {}
-    for ex in examples:
-        seen.setdefault(json.dumps(ex.prompt, sort_keys=True), ex.prompt)
+    return distinct_prompts(ex.prompt for ex in examples)
+
+
+def distinct_prompts(prompts: Iterable[Text]) -> list[Text]:
+    """The distinct prompts, in first-seen order."""
+    seen: dict[Any, Text] = {}
+    for p in prompts:
+        key = (True, p) if isinstance(p, str) else (False, json.dumps(p, sort_keys=True))
+        seen.setdefault(key, p)
     return list(seen.values())

@@ -17,3 +17,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Each test's tokenised sets are kept in a folder of its own, not in the user's cache."""
+    from softpo import tokcache
+
+    folder = tmp_path_factory.mktemp("tokens")
+    monkeypatch.setattr(tokcache, "default_dir", lambda: folder)
+    yield folder
