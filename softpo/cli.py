@@ -33,7 +33,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                               "write a task's prompts with every candidate answer and its reward"),
     ("lab", "tabular"): ("softpo.lab.commands:tabular", "tabular lab: convergence to known optima"),
     ("lab", "sequence"): ("softpo.lab.commands:sequence", "sequence lab on tiny exact transformers"),
-    ("demo",): ("softpo.commands:demo", "the main job: align SmolLM2-135M-Instruct with SPO vs DPO"),
+    ("demo",): ("softpo.commands:demo", "the main job: SmolLM2-135M-Instruct aligned with SPO vs "
+                "DPO on questions with several right answers (--sweep: the whole frontier)"),
 }
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softpo.config import Config
-from softpo.demo_eval import Harness, Point, expert_metrics, measure
+from softpo.demo_eval import Clock, Harness, Point, expert_metrics, measure
 from softpo.errors import UserError
 from softpo.hardware import bf16_is_fast, default_device
 
@@ -243,10 +243,9 @@ def train_and_measure(s: DemoSettings, h: Harness, points: list[Point], model_pa
     from softpo.logprobs import Reference
     from softpo.trainer import Trainer
 
-    t0 = time.perf_counter()
-    trainer = Trainer(run_config(s, model_path, prefs, points[0], h.seed, h.out))
-    final = trainer.train()
-    h.seconds[f"train/{points[0].run}"] = round(time.perf_counter() - t0, 1)
+    with h.clock.phase(f"train/{points[0].run}"):
+        trainer = Trainer(run_config(s, model_path, prefs, points[0], h.seed, h.out))
+        final = trainer.train()
     policy = trainer.model.eval()
     reference = Reference(policy, adapter_toggle=True)
     train = {k: final[k] for k in TRAIN_KEYS if k in final}
@@ -270,7 +269,7 @@ def settings_record(s: DemoSettings, recipe: Recipe, cfg: Config) -> dict:
 
 
 def run_seed(s: DemoSettings, seed: int, out: Path, base, tokenizer, model_path: str,
-             seconds: dict[str, float]) -> dict:
+             clock: Clock) -> dict:
     """The data, the reference's and every trained model's measurements for one seed; writes
     and returns its results document."""
     import torch
@@ -280,18 +279,17 @@ def run_seed(s: DemoSettings, seed: int, out: Path, base, tokenizer, model_path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     h = harness(s, seed, out, tokenizer, model_path)
-    h.seconds.update(seconds)
-    t0 = time.perf_counter()
-    prefs, data = build_data(s, h, base)
-    h.seconds["data"] = round(time.perf_counter() - t0, 1)
+    h.clock.add(clock)
+    with h.clock.phase("data"):
+        prefs, data = build_data(s, h, base)
     groups = trainings(plan(s))
     entries = [measure(h, p, base, None, None) for p in groups.pop("reference")]
     for points in groups.values():
         entries += train_and_measure(s, h, points, model_path, prefs)
-    h.seconds["total"] = round(sum(v for k, v in h.seconds.items() if k != "total"), 1)
+    h.clock.close()
     settings = settings_record(s, recipe_for(s), run_config(s, model_path, prefs, Point(), seed,
                                                             out))
-    doc = run_document(s, seed, settings, precision_bf16(), data, expert_metrics(h), h.seconds,
+    doc = run_document(s, seed, settings, precision_bf16(), data, expert_metrics(h), h.clock,
                        entries)
     write_run(doc, out)
     return doc
@@ -305,19 +303,18 @@ def run(s: DemoSettings) -> dict:
     from softpo.models import fetch_default, load_model, load_tokenizer, save_pretrained_atomic
 
     check_settings(s)
-    t0 = time.perf_counter()
-    out = Path(s.out)
-    model_path = str(fetch_default(progress=s.progress)) if s.model == "default" else s.model
-    mcfg = ModelConfig(name_or_path=model_path)
-    tokenizer = load_tokenizer(mcfg)
-    base = load_model(mcfg, tokenizer, seed=s.seeds[0]).eval().to(default_device())
-    if model_path == "tiny":  # fresh weights per seed: keep these, so every run starts from them
-        model_path = str(save_pretrained_atomic(base, tokenizer, out / "tiny_model"))
-    loaded = {"load": round(time.perf_counter() - t0, 1)}
+    t0, clock, out = time.perf_counter(), Clock(), Path(s.out)
+    with clock.phase("load"):  # the conversion too, the first time
+        model_path = str(fetch_default(progress=s.progress)) if s.model == "default" else s.model
+        mcfg = ModelConfig(name_or_path=model_path)
+        tokenizer = load_tokenizer(mcfg)
+        base = load_model(mcfg, tokenizer, seed=s.seeds[0]).eval().to(default_device())
+        if model_path == "tiny":  # fresh weights per seed: keep these for every run of the seed
+            model_path = str(save_pretrained_atomic(base, tokenizer, out / "tiny_model"))
     if len(s.seeds) == 1 and not s.sweep:
-        return run_seed(s, s.seeds[0], out, base, tokenizer, model_path, loaded)
+        return run_seed(s, s.seeds[0], out, base, tokenizer, model_path, clock)
     runs = [run_seed(s, seed, out / f"seed{seed}", base, tokenizer, model_path,
-                     loaded if i == 0 else {}) for i, seed in enumerate(s.seeds)]
+                     clock if i == 0 else Clock()) for i, seed in enumerate(s.seeds)]
     doc = sweep_document(s, runs, round(time.perf_counter() - t0, 1))
     write_sweep(doc, out)
     return doc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,35 @@ from typing import Any
 from softpo.config import DataConfig
 
 EVAL_SEED = 10_000  # held-out sampling seed offset: the training samples never reuse it
+
+
+@dataclass
+class Clock:
+    """Seconds per phase: wall-clock, and CPU seconds of this process (all its threads), which a
+    shared machine inflates less than the wall clock."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the block as phase `name`."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = round(time.perf_counter() - t0, 1)
+            self.cpu[name] = round(time.process_time() - c0, 1)
+
+    def add(self, other: Clock) -> None:
+        """Take over `other`'s phases."""
+        self.wall.update(other.wall)
+        self.cpu.update(other.cpu)
+
+    def close(self) -> None:
+        """Add the `total` of the phases."""
+        for d in (self.wall, self.cpu):
+            d["total"] = round(sum(v for k, v in d.items() if k != "total"), 1)
 
 
 @dataclass(frozen=True)
@@ -46,10 +76,12 @@ class Point:
 
     @property
     def name(self) -> str:
+        """The model's name in the reports: the training's, and `_T<t>` at another temperature."""
         return self.run + ("" if self.temperature == 1.0 else f"_T{self.temperature:g}")
 
     @property
     def method(self) -> str:
+        """`reference` or the loss."""
         return self.loss or "reference"
 
     @property
@@ -63,7 +95,7 @@ class Point:
 @dataclass
 class Harness:
     """What every model of one seed is measured with: the same held-out prompts, candidate rows,
-    sampling seed and expert; the seconds of each phase."""
+    sampling seed and expert; the clock of its phases."""
 
     seed: int
     out: Path  # the run's folder
@@ -77,7 +109,7 @@ class Harness:
     rows: list | None  # their candidate rows (softpo.candidates.CandidateRow); None: no sets
     expert: Any  # softpo.sampled_eval.ExpertCache, shared by every model
     progress: bool = True
-    seconds: dict[str, float] = field(default_factory=dict)
+    clock: Clock = field(default_factory=Clock)
 
 
 def candidate_layout(model) -> str:
@@ -130,10 +162,9 @@ def sampled_metrics(h: Harness, point: Point, model, reference) -> dict:
 
 def measure(h: Harness, point: Point, model, reference, train: dict | None) -> dict:
     """One model's entry of results.json (`softpo.demo_report` documents it)."""
-    t0 = time.perf_counter()
-    metrics = {"exact": exact_metrics(h, point, model),
-               "sampled": sampled_metrics(h, point, model, reference), "train": train}
-    h.seconds[f"eval/{point.name}"] = round(time.perf_counter() - t0, 1)
+    with h.clock.phase(f"eval/{point.name}"):
+        metrics = {"exact": exact_metrics(h, point, model),
+                   "sampled": sampled_metrics(h, point, model, reference), "train": train}
     return {"name": point.name, "method": point.method, "loss": point.loss, "knobs": point.knobs,
             "temperature": point.temperature, "run": None if point.loss is None else point.run,
             "metrics": metrics}

@@ -13,8 +13,10 @@ One run (one seed), `kind: "run"`:
                rows, responses, distinct, duplicates, tied, reward_mean, success_rate, ...)
     expert     the exact metrics of the expert distribution softmax(r / T) itself, T the labels'
                Bradley-Terry temperature (null for a task without candidate sets)
-    seconds    per phase: load (model conversion and loading), data, train/<run>, eval/<name>,
-               total
+    seconds    wall-clock seconds per phase: load (model conversion and loading), data,
+               train/<run>, eval/<name>, total
+    cpu_seconds  the same phases in CPU seconds of the process, all threads (a shared machine
+               inflates them less than the wall clock)
     models     one entry per evaluated model, in plan order:
         name         e.g. reference, spo_alpha1, dpo_beta0.1, dpo_beta0.1_T1.5
         method       reference, spo, dpo, hdpo or fdpo
@@ -70,12 +72,13 @@ SAMPLED_COLUMNS = [("sampled", "reward", "expert reward"), ("sampled", "success"
 # ---------------------------------------------------------------- documents
 
 def run_document(s, seed: int, settings: dict, bf16: bool, data: dict, expert: dict | None,
-                 seconds: dict, models: list[dict]) -> dict:
-    """One seed's results (module docstring); `bf16`: training ran under bf16 autocast."""
+                 clock, models: list[dict]) -> dict:
+    """One seed's results (module docstring); `bf16`: training ran under bf16 autocast; `clock`
+    a `softpo.demo_eval.Clock`."""
     return {"schema": SCHEMA, "kind": "run", "task": s.task, "model": s.model, "seed": seed,
             "precision": {"train": "bf16 autocast" if bf16 else "float32", "eval": "float32"},
-            "settings": settings, "data": data, "expert": expert, "seconds": dict(seconds),
-            "models": models}
+            "settings": settings, "data": data, "expert": expert, "seconds": dict(clock.wall),
+            "cpu_seconds": dict(clock.cpu), "models": models}
 
 
 def _mean_sd(values: list) -> tuple:
@@ -214,7 +217,9 @@ def run_markdown(doc: dict, images: list[str]) -> str:
     data = (f"Preference file: {d.get('rows')} pairs ({d.get('tied')} between answers of equal "
             f"reward) from {d.get('prompts')} prompts; the samples' success rate "
             f"{d.get('success_rate', float('nan')):.3f}.")
-    times = ", ".join(f"{k} {v:g} s" for k, v in sec.items())
+    cpu = doc.get("cpu_seconds", {})
+    times = ", ".join(f"{k} {v:g} s" + (f" ({cpu[k]:g} s CPU)" if k in cpu else "")
+                      for k, v in sec.items())
     lines = [f"# softpo demo: {doc['task']}, seed {doc['seed']}", "", describe(doc), "",
              results_table(doc), "", GLOSSARY, "", data, "", f"Seconds per phase: {times}.", ""]
     return "\n".join(lines + [f"![{name}]({name})" for name in images]) + "\n"

@@ -95,7 +95,8 @@ def test_the_demo_on_a_tiny_model_writes_its_table_json_and_frontier(tmp_path, c
     # the hotter model spreads more among the right answers than the same model at T = 1
     assert hot["metrics"]["exact"]["entropy"] > doc["models"][3]["metrics"]["exact"]["entropy"]
     assert doc["expert"]["entropy"] == pytest.approx(1.0)
-    assert {"load", "data", "eval/reference", "train/spo_alpha1", "total"} <= set(doc["seconds"])
+    phases = {"load", "data", "eval/reference", "train/spo_alpha1", "total"}
+    assert phases <= set(doc["seconds"]) and set(doc["seconds"]) == set(doc["cpu_seconds"])
     assert (out / "frontier.png").stat().st_size > 0 and (out / "training_curves.png").is_file()
     assert "frontier.png" in (out / "results.md").read_text()
     # one preference file, read by every training; every pair of distinct answers, ties included
