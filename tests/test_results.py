@@ -1,0 +1,80 @@
+"""Published numbers: every table in README.md and docs/ is the rendering of a stored run
+(`docs/results/*.json`, written by `scripts/results.py`), and fresh runs match the stored ones
+within the stated tolerances (the long reruns are marked slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _results_module():
+    spec = importlib.util.spec_from_file_location("softpo_results", ROOT / "scripts" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+results = _results_module()
+
+
+def test_documents_are_the_rendering_of_the_stored_runs():
+    stale = results.render(check=True)
+    assert not stale, f"re-render with `python scripts/results.py --render`: {stale}"
+
+
+def test_every_block_names_a_known_renderer_and_a_stored_run():
+    known = results.renderers()
+    seen = set()
+    for path in results.DOCUMENTS:
+        for m in results.BLOCK.finditer(path.read_text()):
+            name = m.group("name")
+            assert name in known, f"{path.name}: unknown block {name}"
+            assert results.load(known[name][0]) is not None, f"{path.name}: {name} never measured"
+            seen.add(name)
+    assert {"lab-seeds", "lab-table", "lab-tabular"} <= seen
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "results").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_stored_runs_say_how_they_were_made(path):
+    res = json.loads(path.read_text())
+    assert res["target"] == path.stem and res["target"] in results.TARGETS
+    assert res["commands"] and all(isinstance(c, str) for c in res["commands"])
+    assert res["commit"] and res["date"] and res["machine"]["cpu"]
+
+
+def test_rendering_puts_the_numbers_between_the_markers(tmp_path, monkeypatch):
+    stored = {"runs": [{"alpha": 0.5, "seed": s, "kl_to_target": 0.001 * (s + 1)}
+                       for s in range(5)]}
+    monkeypatch.setattr(results, "load", lambda name: stored if name == "lab-seeds" else None)
+    text = "intro\n<!-- results:lab-seeds-short -->\nold\n<!-- /results:lab-seeds-short -->\nend\n"
+    out = results.rendered(text, {})
+    assert "old" not in out and "| 0.5 | 5 | 0.003 | 0.005 |" in out
+    assert out.startswith("intro\n<!-- results:lab-seeds-short -->\n") and out.endswith("end\n")
+
+
+def test_a_small_pinned_subset_matches_a_fresh_run():
+    """The tabular lab's seed-0 SPO row at alpha 1, rerun (seconds), against the stored one."""
+    from softpo.lab.tabular import LabConfig, public, run
+
+    stored = results.load("lab-tabular")
+    row = next(r for r in stored["runs"] if r["seed"] == 0 and r["loss"] == "spo"
+               and r["alpha"] == 1.0)
+    fresh = public(run(LabConfig(loss="spo", alpha=1.0, seed=0)))
+    assert fresh["kl_to_target"] == pytest.approx(row["kl_to_target"], rel=0.25, abs=1e-4)
+    assert fresh["entropy"] == pytest.approx(row["entropy"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lab-tabular", "lab-table", "lab-seeds", "lab-growth",
+                                  "lab-growth-large", "lab-drift", "train-tiny", "demo"])
+def test_a_fresh_run_matches_the_stored_numbers(name):
+    assert results.main(["--compare", name]) == 0
