@@ -24,7 +24,8 @@ One run (one seed), `kind: "run"`:
         knobs        the loss's varied hyper-parameters: spo {alpha, beta}, dpo {beta},
                      hdpo {alpha, beta}, fdpo {beta, f_divergence}, reference {}
         temperature  what it is sampled and scored at (1: the model itself)
-        run          the training's folder name (shared by a model's temperatures); null
+        run          the training's folder name (shared by a model's temperatures); null for
+                     the reference
         metrics
           exact      softpo.candidates means over held-out prompts: success, outside,
                      entropy (normalised, among the correct answers), coverage, top_share,

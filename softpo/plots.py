@@ -121,20 +121,21 @@ def frontier(points: list[FrontierPoint], out: Path, target: tuple[float, float]
     return out
 
 
-GROUPS = {"reference": ("reference", None), "spo": ("SPO over alpha", "alpha"),
-          "dpo": ("DPO over beta", "beta"), "hdpo": ("H-DPO over alpha", "alpha"),
-          "fdpo": ("f-DPO", None)}
+METHODS = {"reference": ("reference", None), "spo": ("SPO", "alpha"), "dpo": ("DPO", "beta"),
+           "hdpo": ("H-DPO", "alpha"), "fdpo": ("f-DPO", None)}  # method -> (label, its knob)
 
 
 def _group(entry: dict) -> tuple[str, float]:
-    """A model's line on the frontier and its place on it: SPO by alpha, DPO by beta, DPO sampled
-    hotter by temperature, H-DPO by alpha, f-DPO in plan order."""
-    knobs, method = entry["knobs"], entry["method"]
+    """A model's line on the frontier and its place on it: SPO by alpha, DPO by beta, H-DPO by
+    alpha, a model sampled hotter by temperature, f-DPO in plan order."""
+    label, knob = METHODS[entry["method"]]
     if entry["temperature"] != 1.0:
-        return f"{GROUPS[method][0]} beta {knobs.get('beta', 0):g}, sampled at T > 1", \
+        beta = entry["knobs"].get("beta")
+        return f"{label}{'' if beta is None else f' beta {beta:g}'} sampled hotter, by T", \
             entry["temperature"]
-    name, knob = GROUPS[method]
-    return name, knobs.get(knob, 0.0) if knob else 0.0
+    if knob is None:
+        return label, 0.0
+    return f"{label} over {knob}", entry["knobs"][knob]
 
 
 def frontier_points(doc: dict) -> list[FrontierPoint]:

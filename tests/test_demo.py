@@ -197,6 +197,9 @@ def test_seed_summary_and_frontier_points_by_hand():
     assert (point.success_err, point.entropy_err) == (pytest.approx(0.1414, abs=1e-4),
                                                       pytest.approx(0.1414, abs=1e-4))
     assert point.group == "SPO over alpha" and point.order == 1.0
+    hot = _entry("dpo_beta0.1_T2", "dpo", {"beta": 0.1}, 2.0, 0.4, 0.9)
+    (point,) = frontier_points({"kind": "run", "models": [hot]})
+    assert (point.group, point.order) == ("DPO beta 0.1 sampled hotter, by T", 2.0)
 
 
 def test_the_run_table_by_hand():
