@@ -97,11 +97,11 @@ def _decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 def states_at(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
               position_ids: Tensor | None, lengths: Tensor, rows: Tensor, cols: Tensor,
-              max_groups: int = LENGTH_BUCKETS) -> Tensor:
+              max_groups: int | None = None) -> Tensor:
     """Decoder states at (rows, cols), (N, H), running the rows in at most `max_groups` length
-    groups (see the module docstring). `lengths` (R,): tokens before each row's padding; a 4-D
-    mask is sliced on both axes."""
-    groups = length_groups(lengths.tolist(), max_groups)
+    groups (None: `LENGTH_BUCKETS`, read at call time; see the module docstring). `lengths`
+    (R,): tokens before each row's padding; a 4-D mask is sliced on both axes."""
+    groups = length_groups(lengths.tolist(), LENGTH_BUCKETS if max_groups is None else max_groups)
     if len(groups) <= 1:
         return _decoder_hidden(model, input_ids, attention_mask, position_ids)[rows, cols]
     group_of = torch.empty(input_ids.shape[0], dtype=torch.long, device=rows.device)
@@ -132,7 +132,7 @@ def row_lengths(attention_mask: Tensor) -> Tensor:
 
 def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     response_mask: Tensor, position_ids: Tensor | None = None,
-                    max_groups: int = LENGTH_BUCKETS) -> ResponseStates:
+                    max_groups: int | None = None) -> ResponseStates:
     """Run the decoder over all rows and keep the states that predict response tokens."""
     target = response_mask.clone()
     target[:, 0] = False  # the first token has no predecessor
@@ -142,7 +142,7 @@ def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return ResponseStates(hidden, input_ids[rows, cols], rows, cols)
 
 
-def packed_states(model: nn.Module, packed: PackedRows, max_groups: int = LENGTH_BUCKETS
+def packed_states(model: nn.Module, packed: PackedRows, max_groups: int | None = None
                   ) -> ResponseStates:
     """Packed rows (see softpo/packing.py); the states are indexed by response (`rows` = response
     index) so that sums over `cols` give per-response sums."""
@@ -153,7 +153,7 @@ def packed_states(model: nn.Module, packed: PackedRows, max_groups: int = LENGTH
 
 
 def score_tokens(model: nn.Module, rows: "Rows | PackedRows", chunk_size: int,
-                 max_groups: int = LENGTH_BUCKETS) -> Tensor:
+                 max_groups: int | None = None) -> Tensor:
     """Per-token log-probs of the response tokens on an (R, T) grid, R = responses, 0 elsewhere:
     from padded rows (column t = position t) or packed rows (column = position in the packed row)."""
     if isinstance(rows, PackedRows):
@@ -315,7 +315,7 @@ class PolicyScorer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
-                 length_buckets: int = LENGTH_BUCKETS):
+                 length_buckets: int | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

@@ -36,8 +36,8 @@ def test_a_signal_is_recorded_and_a_quick_repeat_is_the_same_request():
     the process lives on, the first signal recorded; handlers come back on exit."""
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)  # delivered to this thread, now
+        signal.raise_signal(signal.SIGINT)
         assert stop.received == signal.SIGTERM
         assert stop.agreed(types.SimpleNamespace(num_processes=1)) == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
@@ -46,10 +46,10 @@ def test_a_signal_is_recorded_and_a_quick_repeat_is_the_same_request():
 def test_a_later_second_signal_stops_at_once():
     """Asked again after REPEAT_S seconds: the previous handler runs (SIGINT: KeyboardInterrupt)."""
     with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         stop._since -= preemption.REPEAT_S + 1
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
