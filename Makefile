@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow lab bench clean
+.PHONY: install demo test test-slow lab bench results clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# every number README.md and docs/ publish (hours on 2 CPU cores; see scripts/results.py --list)
+results: $(STAMP)
+	$(PY) scripts/results.py
 
 lab: $(STAMP)
 	$(VENV)/bin/softpo lab tabular
