@@ -657,6 +657,7 @@ def demo_command(args) -> int:
     """Run the demo (softpo/demo.py) and print its table."""
     from softpo.demo import DemoSettings, run, sweep_settings
     from softpo.demo_report import results_table
+    from softpo.errors import NonFiniteError
 
     given = {k: getattr(args, k) for k in DEMO_LISTS if getattr(args, k) is not None}
     if args.seed is not None or args.seeds is not None:
@@ -667,7 +668,10 @@ def demo_command(args) -> int:
     s = sweep_settings(**fixed, **given) if args.sweep else DemoSettings(**fixed, **given)
     s.progress = not args.no_progress
     t0 = time.perf_counter()
-    doc = run(s)
+    try:
+        doc = run(s)
+    except NonFiniteError as e:  # a method diverged: the trainer says which step and why
+        raise UserError(str(e)) from None
     print()
     print(results_table(doc))
     print(f"\nreport: {Path(s.out) / 'results.md'}  ({time.perf_counter() - t0:.0f} s)")

@@ -119,36 +119,55 @@ def test_the_demo_on_a_tiny_model_writes_its_table_json_and_frontier(tmp_path, c
 
 
 def test_the_sweep_plumbing_on_a_tiny_model(tmp_path, capsys):
-    """A small sweep on two seeds: a folder and a preference file per seed, shared by that seed's
-    trainings; the summary's mean and sd are those of the seeds' numbers."""
+    """A sweep of one method on two seeds: a folder and a preference file per seed, read by that
+    seed's training; the summary's mean and sd are those of the seeds' numbers."""
     out = tmp_path / "sweep"
     argv = ["demo", "--sweep", "--out", str(out), *TINY, "--steps", "1", "--alphas", "1",
-            "--dpo-betas", "--hdpo-alphas", "--f-divergences", "js_divergence",
-            "--temperatures", "2", "--seeds", "0", "1"]
+            "--dpo-betas", "--hdpo-alphas", "--f-divergences", "--temperatures", "--seeds", "0",
+            "1"]
     assert cli.main(argv) == 0
-    assert "| fdpo_js_divergence | 1 | 2 |" in capsys.readouterr().out
+    assert "| spo_alpha1 | 1 | 2 |" in capsys.readouterr().out
     doc = read(out / "results.json")
     assert (doc["kind"], doc["seeds"]) == ("sweep", [0, 1]) and len(doc["runs"]) == 2
-    names = ["reference", "spo_alpha1", "fdpo_js_divergence", "dpo_beta0.1_T2"]
-    assert [m["name"] for m in doc["summary"]] == names
+    assert [m["name"] for m in doc["summary"]] == ["reference", "spo_alpha1"]
     for seed in (0, 1):
         run = read(out / f"seed{seed}" / "results.json")
         assert run == doc["runs"][seed] and run["seed"] == seed
-        prefs = out / f"seed{seed}" / "prefs_train.jsonl"
-        for name in ("spo_alpha1", "dpo_beta0.1", "fdpo_js_divergence"):
-            cfg = config(out / f"seed{seed}" / name)
-            assert cfg["data"]["train"] == str(prefs) and cfg["train"]["seed"] == seed
-    fdpo = config(out / "seed1" / "fdpo_js_divergence")
-    assert (fdpo["loss"]["name"], fdpo["loss"]["f_divergence"]) == ("fdpo", "js_divergence")
+        cfg = config(out / f"seed{seed}" / "spo_alpha1")
+        assert cfg["data"]["train"] == str(out / f"seed{seed}" / "prefs_train.jsonl")
+        assert cfg["train"]["seed"] == seed
     entry = doc["summary"][1]
     values = [r["models"][1]["metrics"]["exact"]["success"] for r in doc["runs"]]
     assert entry["mean"]["exact"]["success"] == pytest.approx(sum(values) / 2)
     sd = abs(values[0] - values[1]) / math.sqrt(2)
     assert entry["sd"]["exact"]["success"] == pytest.approx(sd)
-    assert doc["summary"][3]["mean"]["sampled"]["kl"] is None  # sampled hotter: no KL
-    assert doc["summary"][3]["run"] == "dpo_beta0.1" and doc["summary"][3]["temperature"] == 2
+    assert doc["summary"][0]["mean"]["sampled"]["kl"] == 0.0
     assert (out / "frontier.png").is_file() and "[seed 1](seed1/results.md)" in \
         (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_method_of_the_sweep_runs_on_a_tiny_model(tmp_path):
+    """The sweep's whole plan on one seed (11 trainings): every loss trains from the demo's
+    config, f-DPO with its divergence, and the DPO sampled hotter reuses the trained DPO."""
+    out = tmp_path / "sweep"
+    assert cli.main(["demo", "--sweep", "--out", str(out), *TINY, "--steps", "1", "--seeds",
+                     "0"]) == 0
+    doc = read(out / "results.json")
+    names = [m["name"] for m in doc["summary"]]
+    assert names == [p.name for p in sum(trainings(plan(sweep_settings())).values(), [])]
+    prefs = str(out / "seed0" / "prefs_train.jsonl")
+    runs = {m["run"] for m in doc["summary"] if m["run"]}
+    assert len(runs) == 11 and all(config(out / "seed0" / r)["data"]["train"] == prefs
+                                   for r in runs)
+    fdpo = config(out / "seed0" / "fdpo_js_divergence")
+    assert (fdpo["loss"]["name"], fdpo["loss"]["f_divergence"]) == ("fdpo", "js_divergence")
+    hdpo = config(out / "seed0" / "hdpo_alpha0.5")
+    assert (hdpo["loss"]["name"], hdpo["loss"]["alpha"], hdpo["loss"]["beta"]) == \
+        ("hdpo", 0.5, 0.1)
+    hot = [m for m in doc["summary"] if m["temperature"] != 1]
+    assert [m["temperature"] for m in hot] == [1.25, 1.5, 2.0]
+    assert all(m["run"] == "dpo_beta0.1" and m["mean"]["sampled"]["kl"] is None for m in hot)
 
 
 def test_the_arithmetic_demo_still_runs_with_its_report(tmp_path, monkeypatch, capsys):
@@ -220,6 +239,7 @@ def test_the_run_table_by_hand():
     (["--temperatures", "1", "-1"], "--temperatures must be > 0, got -1"),
     (["--f-divergences", "kl"], "--f-divergences: unknown 'kl'"),
     (["--responses", "1"], "--responses must be >= 2, got 1"),
+    (["--eval-samples", "0"], "--eval-samples must be > 0, got 0"),
     (["--steps", "0"], "--steps must be > 0, got 0"),
     (["--seeds", "1", "1"], "--seeds needs distinct seeds"),
     (["--task", "nope"], "unknown task 'nope'"),
