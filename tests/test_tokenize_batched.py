@@ -22,8 +22,8 @@ from softpo.config import DataConfig
 from softpo.data import BadRowError, DataReport, to_example
 from softpo.models import byte_tokenizer
 
-CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from test_data import TEMPLATE as CHATML, make_tokenizer  # noqa: E402  (the same tokenizer)
+
 NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
              "{% endif %}" + CHATML)
 REWRITES = "{% if add_generation_prompt %}[gen]{% endif %}" + CHATML  # the fallback
@@ -31,24 +31,8 @@ REWRITES = "{% if add_generation_prompt %}[gen]{% endif %}" + CHATML  # the fall
 
 def bos_tokenizer(template: str | None = CHATML):
     """One token per byte, specials <|pad|>=0 <|bos|>=1 <|eos|>=2 <|im_start|>=3 <|im_end|>=4,
-    BOS prepended by the post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A $B",
-                                                       special_tokens=[("<|bos|>", 1)])
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                pad_token="<|pad|>",
-                                additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    t.chat_template = template
-    return t
+    BOS prepended by the post-processor (tests/test_data.py's tokenizer)."""
+    return make_tokenizer(template)
 
 
 def smollm2_tokenizer():
