@@ -568,26 +568,21 @@ def tasks_candidates_arguments(p) -> None:
 
 def tasks_candidates_command(args) -> int:
     """Write the task's prompts with every candidate answer and its reward."""
-    import importlib
-
     from softpo.prefs import write_jsonl
     from softpo.tasks import TASKS, get_task
 
     task = get_task(args.task)  # a UserError names the known tasks
-    module_name, options, _ = TASKS[task.name]
-    module = importlib.import_module(module_name)
-    if not hasattr(module, "candidate_rows"):
-        with_sets = [n for n, (m, _, _) in TASKS.items()
-                     if hasattr(importlib.import_module(m), "candidate_rows")]
+    if task.candidate_rows is None:
+        with_sets = [n for n in TASKS if get_task(n).candidate_rows is not None]
         raise UserError(f"task '{args.task}' has no candidate sets (these have: "
                         f"{', '.join(with_sets)})")
     if args.num_prompts < 1:
         raise UserError(f"-n/--num-prompts must be >= 1, got {args.num_prompts}")
     if not args.out.endswith(".jsonl"):
         raise UserError(f"--out must end in .jsonl, got '{args.out}'")
-    rows = module.candidate_rows(args.split, args.num_prompts, args.seed, **options)
+    rows = task.candidate_rows(args.split, args.num_prompts, args.seed)
     write_jsonl(Path(args.out), rows)
-    correct = sum(r >= module.SUCCESS_THRESHOLD for row in rows for r in row["rewards"]) / len(rows)
+    correct = sum(r >= task.success_threshold for row in rows for r in row["rewards"]) / len(rows)
     size = sum(len(row["candidates"]) for row in rows) / len(rows)
     print(f"softpo: wrote {len(rows)} {args.task}:{args.split} prompts to {args.out} ({size:.1f} "
           f"candidates, {correct:.1f} correct on average)", file=sys.stderr)
