@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -118,12 +117,5 @@ def stop_lines(stderr: str) -> list[str]:
 
 
 
-@contextmanager
-def one_thread():
-    """Torch on one thread in this process, as in the subprocesses (`env`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Torch on one thread in this process, as in the subprocesses (`env`).
+from softpo.lab import one_thread  # noqa: E402,F401
