@@ -75,12 +75,13 @@ def softpo(*args: str) -> list[str]:
     return [sys.executable, "-m", "softpo.cli", *args]
 
 
-def run_json(argv: list[str]) -> dict:
+def run_json(argv: list[str], env: dict | None = None) -> dict:
     """Run a command whose stdout is one JSON object; its stderr passes through."""
     shown = " ".join(["softpo", *argv[3:]] if argv[1:3] == ["-m", "softpo.cli"] else argv)
     print(f"results: {shown}", file=sys.stderr, flush=True)
     out = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
-                         env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                         env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+                         | (env or {}))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -135,6 +136,9 @@ TOLERANCES = {
            "max({lab_abs:g} nats, {lab_rel:.0%}) (the tolerance `--compare` applies). "
            "{provenance}\n\n{commands}",
 }
+TOLERANCES["online"] = ("Each run is deterministic on one machine; how far another processor's "
+                        "rounding moves these LoRA runs was not measured (`--compare` accepts "
+                        "0.02 or 10% per number).")
 LAB_ABS, LAB_REL = 5e-5, 0.15  # about 3x and 2x the rounding twin's moves (docs/lab.md)
 
 
@@ -457,6 +461,77 @@ def render_demo_seeds(res: dict) -> str:
     return "\n".join([table(rows, ("model", *(label for _, _, label in keys))), "",
                       f"Mean (standard deviation) over seeds {', '.join(sorted(res['seeds']))}. "
                       f"{provenance(res)}", "", commands(res)])
+
+
+# ------------------------------------------------------------------------ online against offline
+
+ONLINE_SEEDS = (0, 1, 2)
+
+
+def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
+    """Run one-thread commands whose stdout is one JSON object, `jobs` at a time (each run is
+    deterministic on one thread, so running them side by side changes only their duration)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda argv: run_json(argv, env), argvs))
+
+
+@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40)
+def measure_online(out: Path) -> dict:
+    argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
+              str(out / "online_runs")] for s in ONLINE_SEEDS]
+    runs = run_json_parallel(argvs)
+    shutil.rmtree(out / "online_runs", ignore_errors=True)
+    cmds = [f"OMP_NUM_THREADS=1 python scripts/online_study.py --seed {s} --json"
+            for s in ONLINE_SEEDS]
+    return {"commands": cmds, "runs": runs}
+
+
+ONLINE_KEYS = (("exact", "success", "success prob."), ("exact", "outside", "mass outside"),
+               ("exact", "entropy", "entropy among right"), ("sampled", "pass@8", "pass@8"),
+               ("sampled", "kl", "KL to reference"))
+
+
+def _online_compare(old: dict, new: dict) -> list[str]:
+    problems = []
+    for a, b in zip(old["runs"], new["runs"]):
+        for ma, mb in zip(a["models"], b["models"]):
+            for part, key, _ in ONLINE_KEYS:
+                x, y = ma["metrics"][part].get(key), mb["metrics"][part].get(key)
+                if not _close(x, y, 0.02, 0.1):
+                    problems.append(f"seed {a['seed']} {ma['name']}: {key} {x} -> {y}")
+    return problems
+
+
+TARGETS["online"].compare = _online_compare
+
+
+@block("online", "online")
+def render_online(res: dict) -> str:
+    import statistics
+
+    runs = res["runs"]
+    rows = []
+    for i, model in enumerate(runs[0]["models"]):
+        row = {"model": model["name"]}
+        for part, key, label in ONLINE_KEYS:
+            values = [r["models"][i]["metrics"][part].get(key) for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[label] = f"{statistics.fmean(values):.3f} ({sd:.3f})"
+        calls = [r["models"][i].get("expert_calls") for r in runs]
+        row["expert calls"] = "-" if None in calls else f"{statistics.fmean(calls):.0f}"
+        rows.append(row)
+    r0 = runs[0]
+    return "\n".join([
+        table(rows, ("model", *(label for _, _, label in ONLINE_KEYS), "expert calls")), "",
+        f"Mean (standard deviation) over seeds {', '.join(str(r['seed']) for r in runs)}: "
+        f"SPO alpha {r0['alpha']:g}, global KL beta {r0['beta']:g}, {r0['steps']} steps, "
+        f"{r0['prompts']} training questions x {r0['responses']} answers; 32 held-out questions, "
+        f"exact metrics over their candidate answers, pass@8 and the sequence KL to the reference "
+        f"from 8 sampled answers each. Training in {_precision(res)} on one thread; "
+        f"{TOLERANCES['online']} {provenance(res)}", "", commands(res)])
 
 
 # ------------------------------------------------------------------------ speed against TRL
