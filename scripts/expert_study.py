@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", default=None, help="comma-separated point names (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "expert_study")
+    p.add_argument("--json", action="store_true",
+                   help="at the end, print one JSON object with the requested points' rows")
     a = p.parse_args(argv)
     import torch
 
@@ -183,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(row) + "\n")
             print(f"{a.expert} seed {seed} {name:<18} reward {result['reward']:.3f} "
                   f"kl {result['kl']:.3f} entropy {result['entropy']:.2f} words "
-                  f"{result['words']:.1f} ({result['seconds']:.0f} s)", flush=True)
+                  f"{result['words']:.1f} ({result['seconds']:.0f} s)", flush=True,
+                  file=sys.stderr if a.json else sys.stdout)
+    if a.json:
+        rows = [r for r in map(json.loads, log.read_text().splitlines())
+                if r["expert"] == a.expert and r["seed"] in a.seeds and r["point"] in names]
+        print(json.dumps({"points": rows}))
     return 0
 
 

@@ -534,6 +534,78 @@ def render_online(res: dict) -> str:
         f"{TOLERANCES['online']} {provenance(res)}", "", commands(res)])
 
 
+# ------------------------------------------------------------------------ a user's expert
+
+EXPERT_POINTS = ("reference", "spo-a1", "spo-a0.1", "spo-a0.03", "dpo")
+EXPERT_SEEDS = (0, 1, 2)
+
+
+@target("experts", "scripts/expert_study.py: SPO over alpha and DPO, concise and plain experts, "
+                   "seeds 0, 1, 2", 60)
+def measure_experts(out: Path) -> dict:
+    # a folder that survives an interrupted run (finished points are kept and skipped)
+    work = ROOT / "runs" / "results-experts" if out == ROOT / "docs" else out / "expert_runs"
+    argvs, cmds = [], []
+    for expert in ("concise", "plain"):
+        args = ["--expert", expert, "--points", ",".join(EXPERT_POINTS), "--seeds",
+                *map(str, EXPERT_SEEDS)]
+        argvs.append([sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
+                      str(work / expert)])
+        cmds.append("OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args))
+    points = [p for res in run_json_parallel(argvs) for p in res["points"]]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"commands": cmds, "points": points}
+
+
+EXPERT_KEYS = ("reward", "kl", "entropy", "distinct_2", "words", "start_pref_saturated")
+
+
+def _experts_compare(old: dict, new: dict) -> list[str]:
+    fresh = {(p["expert"], p["seed"], p["point"]): p for p in new["points"]}
+    problems = []
+    for p in old["points"]:
+        q = fresh.get((p["expert"], p["seed"], p["point"]), {})
+        problems += [f"{p['expert']} seed {p['seed']} {p['point']}: {k} {p.get(k)} -> {q.get(k)}"
+                     for k in EXPERT_KEYS[:3] if not _close(p.get(k), q.get(k), 0.02, 0.1)]
+    return problems
+
+
+TARGETS["experts"].compare = _experts_compare
+
+
+def render_experts(res: dict, expert: str) -> str:
+    import statistics
+
+    def cell(values: list) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} ({sd:.3f})"
+
+    points = [p for p in res["points"] if p["expert"] == expert]
+    names = list(dict.fromkeys(p["point"] for p in points))
+    labels = {"reward": "held-out reward", "kl": "KL to reference", "entropy": "entropy",
+              "distinct_2": "distinct-2", "words": "words", "start_pref_saturated":
+              "saturated at start", "start_margin": "start margin (nats)"}
+    rows = []
+    for name in names:
+        mine = [p for p in points if p["point"] == name]
+        rows.append({"model": name, **{label: cell([p.get(k) for p in mine])
+                                       for k, label in labels.items()}})
+    seeds = sorted({p["seed"] for p in points})
+    return "\n".join([
+        table(rows, ("model", *labels.values())), "",
+        f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}: 55 held-out "
+        f"questions x 4 sampled answers (32 new tokens) per model; KL to the reference and entropy "
+        f"in nats per answer, from the samples' log-probs. {TOLERANCES['online']} "
+        f"{provenance(res)}", "", commands(res)])
+
+
+for _expert in ("concise", "plain"):
+    block("experts", f"experts-{_expert}")(lambda res, e=_expert: render_experts(res, e))
+
+
 # ------------------------------------------------------------------------ speed against TRL
 
 BENCH = {
