@@ -6,7 +6,8 @@
 For each expert and seed: the embedded SmolLM2-135M-Instruct samples `n` answers to each of the
 128 training questions (examples/data/questions_train.jsonl, as a user turn, 32 new tokens), the
 expert labels them (`softpo build-prefs` with the point's pairing and format), LoRA adapters are
-trained for `steps` steps (configs/smollm2_lora.yaml), and every model answers the 55 held-out
+trained for `steps` steps (configs/smollm2_lora.yaml; bf16 autocast where the hardware has fast
+bf16, as `softpo demo`), and every model answers the 55 held-out
 questions 4 times (pure sampling, 32 new tokens): mean expert reward, the share of answers cut at
 the token limit, the sequence KL to the reference and the entropy (both from the samples'
 log-probs), and the share of training pairs whose preference term is saturated at the start.
@@ -115,6 +116,7 @@ def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -
     import torch
 
     from softpo.config import ModelConfig, load_config
+    from softpo.demo import precision_bf16  # bf16 autocast where this CPU/GPU has fast bf16
     from softpo.models import load_model, load_tokenizer
     from softpo.trainer import Trainer
 
@@ -135,7 +137,8 @@ def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -
         f"loss.alpha={point.alpha}", f"loss.beta={point.beta}", f"loss.gamma={point.gamma}",
         f"train.max_steps={point.steps}", f"train.output_dir={run_dir}", f"train.seed={seed}",
         "train.save_steps=0", "train.eval_steps=0", "train.progress=false",
-        "train.report_to=[jsonl]", *point.overrides])
+        "train.report_to=[jsonl]", f"model.autocast_bf16={str(precision_bf16()).lower()}",
+        *point.overrides])
     trainer = Trainer(cfg)
     train_metrics = trainer.train()
     from softpo.tracking import read_metrics
