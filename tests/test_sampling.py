@@ -1,5 +1,6 @@
 """Sampling for the regulariser: pure temperature-1 sampling, seeded, with the prompt prefilled once."""
 
+import pytest
 import torch
 
 from softpo.config import TinyModelConfig
@@ -84,3 +85,36 @@ def test_the_sample_command_writes_one_object_per_sample(tmp_path, capsys):
     assert all(1 <= r["tokens"] <= 6 for r in rows)
     assert main(["sample", "tiny", "--prompt", "hi", "--out", str(tmp_path / "s.json")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("room", [None, 0])  # sample()'s room for the new tokens; none: grown
+def test_reserved_cache_draws_what_generate_draws(monkeypatch, arch, room):
+    """The repeated prompt cache lives in buffers with room for the new tokens (no concatenation
+    per token); generate() through it draws exactly what plain generate() draws, also when the
+    buffers must grow."""
+    import softpo.sampling as sampling
+
+    tok = byte_tokenizer()
+    model = build_tiny_model(TinyModelConfig(n_layer=2, n_embd=32, n_head=2, architecture=arch),
+                             tok, seed=0).eval()
+    ids, mask = left_pad([list(b"How was the soup?"), list(b"Hi"), list(b"abc")], tok.pad_token_id)
+    caches = []
+    shared = sampling.shared_prompt_cache
+
+    def spy(gen, prompt_ids, prompt_mask, k, given_room=0):
+        caches.append(shared(gen, prompt_ids, prompt_mask, k, given_room if room is None else room))
+        return caches[-1]
+
+    monkeypatch.setattr(sampling, "shared_prompt_cache", spy)
+    got = sample(model, tok, ids, mask, k=3, max_new_tokens=20, seed=5)
+    layer = caches[0].layers[0]
+    assert type(layer).__name__ == "_ReservedLayer" and layer.keys.shape[0] == 9
+    assert layer.keys.data_ptr() == layer._k.data_ptr()  # a view of the buffer, not a copy
+    config = pure_sampling_config(model, tok, 20, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, 3, 3)
+    assert torch.equal(got.rows.input_ids, want.rows.input_ids)
+    assert torch.equal(got.rows.response_mask, want.rows.response_mask)
