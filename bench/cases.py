@@ -103,6 +103,7 @@ RATIOS = [
     ("dpo-cached", "trl-dpo", "speed", 1.4), ("dpo-cached", "trl-dpo-precomputed", "speed", None),
     ("dpo-shared-prompt", "trl-dpo", "speed", 1.1),
     ("spo-reg", "trl-dpo", "time", 1.3), ("spo-reg-every4", "trl-dpo", "time", 1.0),
+    ("spo-reg", "spo", "time", 1.3),  # full SPO against plain SPO: the regulariser's whole cost
     ("spo-full-logits", "spo", "memory", None), ("spo-full-logits", "spo", "speed", None),
     ("spo-chunk1024", "spo", "memory", None), ("spo-chunk1024", "spo", "speed", None),
 ]

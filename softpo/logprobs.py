@@ -17,21 +17,30 @@ and split into at most `LENGTH_BUCKETS` groups, each run trimmed to its own long
 (`length_groups` picks the split with the fewest padded positions), so a short row does not pay
 for the batch's longest one. Each row's computation is unchanged (same states up to float
 summation order).
+
+The regulariser's samples (`sample_states`, `token_kl_and_logps`): k samples of one prompt share
+it, so the policy and the reference run each prompt once for its samples (shared-prompt packing,
+`softpo.packing.share_prompts`) where the attention takes a 4-D mask. The exact per-position KL
+is one autograd function (`_TokenKL`) over blocks of logits. When all sampled positions fit one
+chunk, the reference's full log-probs there are computed once per refresh and kept
+(`Reference.sample_view`), and the policy's are kept from forward to backward instead of
+recomputed: at most two more `LOGIT_BUDGET` blocks alive, and a step with fresh samples runs
+their output-layer matmul 4 times instead of 7 (the reference once, the policy once forward and
+twice in backward).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from softpo.losses import exact_token_kl
 from softpo.models import has_plain_head, hf_model
-from softpo.packing import PackedRows, Rows
+from softpo.packing import PackedRows, Rows, packable_style, share_prompts
 
 DEFAULT_CHUNK = 1024
 LOGIT_BUDGET = 1 << 26  # elements of one [chunk, vocab] block: 256 MiB in float32
@@ -130,16 +139,43 @@ def row_lengths(attention_mask: Tensor) -> Tensor:
     return torch.where(attention_mask.any(1), last, torch.ones_like(last))
 
 
+def response_targets(response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, T) response mask -> (rows, cols), (N,) each: the scored tokens, row by row (a token in
+    column 0 has no predecessor and is not scored)."""
+    target = response_mask.clone()
+    target[:, 0] = False
+    return target.nonzero(as_tuple=True)
+
+
 def response_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     response_mask: Tensor, position_ids: Tensor | None = None,
                     max_groups: int | None = None) -> ResponseStates:
     """Run the decoder over all rows and keep the states that predict response tokens."""
-    target = response_mask.clone()
-    target[:, 0] = False  # the first token has no predecessor
-    rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
+    rows, cols = response_targets(response_mask)  # (N,), (N,)
     hidden = states_at(model, input_ids, attention_mask, position_ids, row_lengths(attention_mask),
                        rows, cols - 1, max_groups)
     return ResponseStates(hidden, input_ids[rows, cols], rows, cols)
+
+
+def sample_states(model: nn.Module, samples: Rows, max_groups: int | None = None
+                  ) -> ResponseStates:
+    """`response_states` of sampled rows, the same (N,) states in the same order on the rows' (S, T)
+    grid, with each prompt run once for all the consecutive rows that repeat it (its k samples;
+    `softpo.packing.share_prompts`) when the attention takes a 4-D mask and that pays."""
+    packed = None
+    try:
+        style = packable_style(model)
+        width = hf_model(model).get_input_embeddings().weight.shape[1]
+        packed = share_prompts(samples, style, width)
+    except ValueError:  # no 4-D mask or no plain output layer: one row per sample
+        pass
+    if packed is None:
+        return response_states(model, samples.input_ids, samples.attention_mask,
+                               samples.response_mask, max_groups=max_groups)
+    rows, cols = response_targets(samples.response_mask)  # (N,) the padded grid's order
+    hidden = states_at(model, packed.input_ids, packed.attention_mask, packed.position_ids,
+                       packed.lengths, packed.rows, packed.prev, max_groups)
+    return ResponseStates(hidden, samples.input_ids[rows, cols], rows, cols)
 
 
 def packed_states(model: nn.Module, packed: PackedRows, max_groups: int | None = None
@@ -228,32 +264,97 @@ def label_logps(states: ResponseStates, head: nn.Linear, chunk_size: int = DEFAU
     return torch.cat(parts) if parts else states.hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _kl_and_logps(h_pol: Tensor, h_ref: Tensor, w: Tensor, b: Tensor | None,
-                  ref_head: Callable[[Tensor], Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-    logits = nn.functional.linear(h_pol, w, b).float()  # (n, V)
+def _float(x: Tensor) -> Tensor:
+    """Half precision -> float32; float32 and float64 kept (the precision of softmaxes)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _TokenKL(torch.autograd.Function):
+    """For one chunk of n positions: the exact KL(pi || ref) over the vocabulary and the label's
+    log-prob under pi, (n,) each, pi = softmax(h W^T + b).
+
+    `ref` is the reference's log-probs, (V, n), or a function that computes them (called again in
+    backward). Forward keeps h, pi's log-normaliser and the KL, and with `keep` pi's log-probs
+    (one (V, n) block, held until backward; else backward recomputes the logits). Backward turns
+    them into the gradient with respect to the logits z,
+        dKL/dz = p * (log p - log q - KL),  dlogp(label)/dz = onehot(label) - p,
+    (KL = sum_v p_v (log p_v - log q_v): its derivative in log p is p (log p - log q + 1), and
+    through the softmax v -> v - p * sum(v) that is p (log p - log q - KL)), then two matmuls.
+    Against autograd through `losses.exact_token_kl` with recomputation (its predecessor): one or
+    two fewer matmuls and about half the passes over the logits block. Vocabulary-major (V, n)
+    and the dtypes as in `_LabelLogSoftmax`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                ref: "Tensor | Callable[[], Tensor]", keep: bool) -> tuple[Tensor, Tensor]:
+        logits = _LabelLogSoftmax._logits(hidden, weight, bias)  # (V, n)
+        ctx.compute_dtype = logits.dtype
+        logp = _float(logits)
+        lse = logp.logsumexp(0)  # (n,)
+        logp.sub_(lse)  # (V, n) log p
+        ref_logp = ref() if callable(ref) else ref  # (V, n) log q
+        label_logp = logp[labels, torch.arange(len(labels), device=labels.device)]  # (n,)
+        log_ratio = torch.sub(logp, ref_logp)  # (V, n)
+        kl = log_ratio.mul_(logp.exp() if keep else logp.exp_()).sum(0)  # (n,)
+        ctx.ref = ref if callable(ref) else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, kl,
+                              None if callable(ref) else ref_logp, logp if keep else None)
+        return kl, label_logp
+
+    @staticmethod
+    def backward(ctx, g_kl: Tensor, g_lp: Tensor):
+        hidden, weight, bias, labels, lse, kl, ref_logp, logp = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        h, w = hidden.to(dt), weight.to(dt)
+        kept = logp is not None
+        if not kept:
+            logp = _float(_LabelLogSoftmax._logits(h, w, bias)).sub_(lse)  # (V, n) log p
+        ref_logp = ctx.ref() if ref_logp is None else ref_logp
+        d_logits = torch.sub(logp, ref_logp).sub_(kl).mul_(g_kl).sub_(g_lp)  # (V, n)
+        d_logits.mul_(logp.exp() if kept else logp.exp_())  # g_kl p (log p - log q - KL) - g_lp p
+        d_logits[labels, torch.arange(len(labels), device=labels.device)] += g_lp
+        d_low = d_logits.to(dt)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d_h = (d_low.t() @ w).to(hidden.dtype) if need_h else None
+        d_w = (d_low @ h).to(weight.dtype) if need_w else None
+        d_b = d_logits.sum(1).to(bias.dtype) if need_b else None
+        return d_h, d_w, d_b, None, None, None
+
+
+def head_log_probs(head: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:  # (V, n)
+    """log softmax of `head(hidden)` (no grad), vocabulary-major: (n, H) -> (V, n) float32
+    (float64 kept). A plain `nn.Linear` runs as `W h^T` (the faster layout on the CPU)."""
     with torch.no_grad():
-        ref_logits = ref_head(h_ref).float()  # (n, V)
-    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return exact_token_kl(logits, ref_logits), logps
+        if type(head) is nn.Linear:
+            logits = _float(_LabelLogSoftmax._logits(hidden, head.weight, head.bias))
+            return logits.sub_(logits.logsumexp(0))
+        return _float(head(hidden)).log_softmax(-1).t().contiguous()
 
 
-def token_kl_and_logps(policy: ResponseStates, ref_hidden: Tensor, head: nn.Linear,
-                       ref_head: Callable[[Tensor], Tensor], chunk_size: int = DEFAULT_CHUNK
+def token_kl_and_logps(policy: ResponseStates, ref_hidden: Tensor | None, head: nn.Linear,
+                       ref_head: Callable[[Tensor], Tensor] | None,
+                       chunk_size: int = DEFAULT_CHUNK, ref_logp: Tensor | None = None
                        ) -> tuple[Tensor, Tensor]:
-    """Exact per-position KL(pi || ref) over the vocabulary and the policy's label log-probs.
+    """Exact per-position KL(pi || ref) over the vocabulary and the policy's label log-probs,
+    two (N,) tensors, chunked (`_TokenKL`; when the N positions are one chunk, the policy's
+    log-probs there are kept for backward instead of recomputed: at most `LOGIT_BUDGET` elements).
 
-    `ref_hidden` (N, H) are the reference model's states at the same positions; `ref_head` maps them to
-    logits (for LoRA: the output layer with the adapter disabled). Returns two (N,) tensors.
+    The reference is `ref_logp`, its log-probs at the same positions, (V, N) (`head_log_probs`);
+    or, without them, `ref_hidden` (N, H), the reference model's states there, and `ref_head`,
+    which maps them to logits (for LoRA: the output layer with the adapter disabled), recomputed
+    per chunk in forward and backward.
     """
     kls, logps = [], []
     chunk_size = chunk_positions(chunk_size, head.weight.shape[0])
+    keep = policy.labels.numel() <= chunk_size  # one chunk: its log-probs kept for backward
     for start in range(0, policy.labels.numel(), chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (policy.hidden[sl], ref_hidden[sl], head.weight, head.bias, ref_head, policy.labels[sl])
-        if torch.is_grad_enabled() and policy.hidden.requires_grad:
-            kl, lp = checkpoint(_kl_and_logps, *args, use_reentrant=False)
+        if ref_logp is not None:
+            ref = ref_logp[:, sl]
         else:
-            kl, lp = _kl_and_logps(*args)
+            ref = functools.partial(head_log_probs, ref_head, ref_hidden[sl])
+        kl, lp = _TokenKL.apply(policy.hidden[sl], head.weight, head.bias, policy.labels[sl], ref,
+                                keep)
         kls.append(kl)
         logps.append(lp)
     return torch.cat(kls), torch.cat(logps)
@@ -308,10 +409,10 @@ class PolicyScorer(nn.Module):
     """The one differentiable forward of a training step, as a module so DDP/FSDP can wrap it.
 
     One call scores the preference rows and, when given, the regulariser's sample rows (with the
-    reference's states for the exact per-position KL). Everything that needs gradient goes through
-    `forward`, which is what Accelerate's DDP wrapper synchronises. `length_buckets`: the most
-    length groups a call runs (1 under FSDP, where every process must run as many decoder
-    forwards; `softpo.distributed`).
+    reference's log-probs, or its states, for the exact per-position KL). Everything that needs
+    gradient goes through `forward`, which is what Accelerate's DDP wrapper synchronises.
+    `length_buckets`: the most length groups a call runs (1 under FSDP, where every process must
+    run as many decoder forwards; `softpo.distributed`).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
@@ -328,10 +429,13 @@ class PolicyScorer(nn.Module):
     def forward(self, rows: Rows | PackedRows | None = None, samples: Rows | None = None,
                 ref_sample_hidden: Tensor | None = None,
                 ref_head: Callable[[Tensor], Tensor] | None = None, *,
+                ref_sample_logp: Tensor | None = None,
                 call: Callable[[nn.Module], Any] | None = None) -> Scores:
-        """Score the preference rows and, when given, the regulariser's samples. With `call`,
-        instead `call(model)` inside this forward, where an engine that gathers parameters in
-        forward hooks (FSDP2) has gathered them (`softpo.distributed.call_whole`)."""
+        """Score the preference rows and, when given, the regulariser's samples: with the
+        reference's log-probs at the sampled positions (`ref_sample_logp`, (V, N)) or its states
+        there and its output layer (`ref_sample_hidden`, `ref_head`), also the exact per-position
+        KL. With `call`, instead `call(model)` inside this forward, where an engine that gathers
+        parameters in forward hooks (FSDP2) has gathered them (`softpo.distributed.call_whole`)."""
         if call is not None:
             return call(self.model)
         device = rows.input_ids.device
@@ -343,16 +447,20 @@ class PolicyScorer(nn.Module):
                 logps = self._score(rows)
             if samples is None:
                 return Scores(logps)
-            states = response_states(self.model, samples.input_ids, samples.attention_mask,
-                                     samples.response_mask, max_groups=self.length_buckets)
-            shape = tuple(samples.input_ids.shape)
-            if ref_sample_hidden is None:  # sequence-level estimators need no full distributions
-                head = hf_model(self.model).get_output_embeddings()
-                return Scores(logps, scatter_rows(label_logps(states, head, self.chunk_size), states,
-                                                  shape))
-            head = hf_model(self.model).get_output_embeddings()
-            kl, lp = token_kl_and_logps(states, ref_sample_hidden, head, ref_head, self.chunk_size)
-            return Scores(logps, scatter_rows(lp, states, shape), scatter_rows(kl, states, shape))
+            return self._score_samples(logps, samples, ref_sample_hidden, ref_head,
+                                       ref_sample_logp)
+
+    def _score_samples(self, logps: Tensor, samples: Rows, ref_hidden: Tensor | None,
+                       ref_head: Callable[[Tensor], Tensor] | None,
+                       ref_logp: Tensor | None) -> Scores:
+        states = sample_states(self.model, samples, self.length_buckets)
+        shape = tuple(samples.input_ids.shape)
+        head = hf_model(self.model).get_output_embeddings()
+        if ref_hidden is None and ref_logp is None:  # sequence-level estimators: no distributions
+            return Scores(logps, scatter_rows(label_logps(states, head, self.chunk_size), states,
+                                              shape))
+        kl, lp = token_kl_and_logps(states, ref_hidden, head, ref_head, self.chunk_size, ref_logp)
+        return Scores(logps, scatter_rows(lp, states, shape), scatter_rows(kl, states, shape))
 
     def _score(self, rows: Rows | PackedRows) -> Tensor:
         return score_tokens(self.model, rows, self.chunk_size, self.length_buckets)
@@ -392,30 +500,42 @@ class Reference:
             return token_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
                                self.chunk_size, self.autocast)
 
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+
     @torch.no_grad()
     def sample_hidden(self, samples: Rows) -> Tensor:  # (N, H)
         """The reference's states that predict the samples' tokens."""
-        ctx = torch.autocast(samples.input_ids.device.type, dtype=torch.bfloat16) \
-            if self.autocast else nullcontext()
-        with self.disabled(), ctx:
-            return response_states(self.model, samples.input_ids, samples.attention_mask,
-                                   samples.response_mask).hidden
+        with self.disabled(), self._autocast(samples.input_ids.device):
+            return sample_states(self.model, samples).hidden
 
     @torch.no_grad()
-    def sample_view(self, samples: Rows) -> tuple[Tensor, Tensor]:
-        """One reference forward over the sampled rows: the states at the sampled positions (N, H)
-        and the sampled tokens' log-probs on the (S, T) grid (what `sample_hidden` and `token_logps`
-        give, for the price of one decoder run instead of two)."""
+    def sample_view(self, samples: Rows, keep_logps: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One reference forward over the sampled rows, each prompt run once for its samples
+        (`sample_states`): the states at the sampled positions (N, H), the sampled tokens'
+        log-probs on the (S, T) grid, and with `keep_logps`, when the N positions fit in one
+        output-layer chunk (`chunk_positions`: N * V <= LOGIT_BUDGET), the full log-probs there,
+        (V, N) float32, so that the token KL need not recompute them (else None)."""
         if not has_plain_head(self.model):
-            return self.sample_hidden(samples), self.token_logps(samples)
-        ctx = torch.autocast(samples.input_ids.device.type, dtype=torch.bfloat16) \
-            if self.autocast else nullcontext()
-        with self.disabled(), ctx:
-            states = response_states(self.model, samples.input_ids, samples.attention_mask,
-                                     samples.response_mask)
-            values = label_logps(states, hf_model(self.model).get_output_embeddings(),
-                                 self.chunk_size)
-        return states.hidden, scatter_rows(values, states, tuple(samples.input_ids.shape))
+            return self.sample_hidden(samples), self.token_logps(samples), None
+        with self.disabled(), self._autocast(samples.input_ids.device):
+            states = sample_states(self.model, samples)
+            head = hf_model(self.model).get_output_embeddings()
+            if keep_logps and len(states.labels) <= chunk_positions(self.chunk_size,
+                                                                    head.weight.shape[0]):
+                full = head_log_probs(head, states.hidden)  # (V, N)
+                values = full[states.labels, torch.arange(len(states.labels), device=full.device)]
+            else:
+                full, values = None, label_logps(states, head, self.chunk_size)
+        return states.hidden, scatter_rows(values, states, tuple(samples.input_ids.shape)), full
+
+    @torch.no_grad()
+    def sample_logps(self, samples: Rows) -> Tensor:  # (S, T)
+        """The sampled tokens' log-probs under the reference (`sample_view`'s second part)."""
+        if not has_plain_head(self.model):
+            return self.token_logps(samples)
+        return self.sample_view(samples)[1]
 
     def head(self, hidden: Tensor) -> Tensor:  # (n, H) -> (n, V), no grad
         """The reference's output layer applied to `hidden` (no grad)."""

@@ -3,10 +3,12 @@
 Every `regularizer.sample_every` optimiser steps the policy draws `samples_per_prompt` responses
 for `prompts_per_step` prompts of the regulariser's prompt set (pure sampling at temperature 1,
 `softpo.sampling`), and the reference looks at them once, without gradient (its states at the
-sampled positions for the token estimators, its log-probs of the sampled tokens for all). In the
-step's first micro-batch the policy scores the same samples with gradient (`softpo.logprobs.
-PolicyScorer`), and `loss` turns both views into the estimator's surrogate (`softpo.losses`):
-its gradient estimates grad KL(pi_theta || pi_ref).
+sampled positions for the token estimators, with its full log-probs there when they fit one
+output-layer chunk; its log-probs of the sampled tokens for all). In the step's first micro-batch
+the policy scores the same samples with gradient (`softpo.logprobs.PolicyScorer`), and `loss`
+turns both views into the estimator's surrogate (`softpo.losses`): its gradient estimates
+grad KL(pi_theta || pi_ref). Sampling, the reference and the policy each run a prompt once for its
+k samples (`softpo.sampling.sample`, `softpo.logprobs.sample_states`).
 
 Which prompts and which seed are pure functions of the refresh step and the process, so a resumed
 or N-process run draws what the uninterrupted one-process run draws. Samples drawn at the last
@@ -38,6 +40,7 @@ class RegularizerState:
     samples: SampleBatch
     ref_hidden: Tensor | None  # (N, H) reference states at sampled positions (token estimators)
     ref_token_logps: Tensor  # (S, T) reference log-probs of the sampled tokens
+    ref_logp: Tensor | None = None  # (V, N) its full log-probs there, when they fit one chunk
 
 
 class Regularizer:
@@ -64,10 +67,13 @@ class Regularizer:
         self.state = self.view(samples)
 
     def view(self, samples: SampleBatch) -> RegularizerState:
-        """The samples and the reference's view of them (no grad)."""
-        if self.cfg.regularizer.estimator.startswith("token"):  # states and log-probs, one forward
-            return RegularizerState(samples, *self.reference.sample_view(samples.rows))
-        return RegularizerState(samples, None, self.reference.token_logps(samples.rows))
+        """The samples and the reference's view of them (no grad), from one reference forward
+        that runs each prompt once for its samples. Token estimators keep the reference's states
+        and, when they fit one output-layer chunk, its full log-probs at the sampled positions
+        (`Reference.sample_view`)."""
+        if self.cfg.regularizer.estimator.startswith("token"):
+            return RegularizerState(samples, *self.reference.sample_view(samples.rows, True))
+        return RegularizerState(samples, None, self.reference.sample_logps(samples.rows))
 
     def loss(self, scores: Scores) -> tuple[Tensor, dict[str, Tensor]]:
         """beta * the estimator's surrogate (a scalar whose gradient estimates beta * grad KL), and

@@ -200,11 +200,11 @@ class Trainer:
         rows = self.rows(batch)
         B, n = batch.response_valid.shape
         ref_logps = self.ref_logps(batch, rows).view(B, n) if self.spec.needs_ref else None
-        samples = hidden = head = None
+        samples = hidden = head = full = None
         if with_samples:
-            samples, hidden = self.reg.samples.rows, self.reg.ref_hidden
+            samples, hidden, full = self.reg.samples.rows, self.reg.ref_hidden, self.reg.ref_logp
             head = self.reference.head if hidden is not None else None
-        scores = self.scorer(rows, samples, hidden, head)
+        scores = self.scorer(rows, samples, hidden, head, ref_sample_logp=full)
         logps = ListLogps(scores.token_logps.sum(-1).view(B, n), batch.response_lengths.float(),
                           batch.response_valid, ref_logps)
         out = self.spec.fn(logps, self.params)

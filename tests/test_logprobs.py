@@ -1,5 +1,6 @@
 """Chunked, checkpointed output layer (softpo/logprobs.py) against the plain full log-softmax."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -162,3 +163,90 @@ def test_length_groups_on_many_rows_use_coarse_cuts_and_cover_every_row():
     assert sum(len(g) * t for g, t in zip(groups, tops)) < 1000 * max(lengths)
     exact, coarse = length_groups(lengths[:200], 4), length_groups(lengths[:200], 4, max_cuts=200)
     assert exact == coarse  # with max_cuts >= rows the search is the exact one
+
+
+# ------------------------------------------------------------------ the regulariser's samples
+
+
+def _sampled(arch: str, attn: str = "sdpa"):
+    """A tiny model, a perturbed copy as the policy, and k = 3 samples for each of 2 prompts."""
+    import copy
+
+    from softpo.config import TinyModelConfig
+    from softpo.models import build_tiny_model, byte_tokenizer
+    from softpo.sampling import sample
+
+    tok = byte_tokenizer()
+    ref = build_tiny_model(TinyModelConfig(architecture=arch, n_layer=2, n_embd=32, n_head=2), tok,
+                           seed=0, attn_implementation=attn)
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    enc = tok(["a question?", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    batch = sample(policy, tok, enc["input_ids"], enc["attention_mask"], 3, 7, seed=2)
+    return policy, ref, batch.rows
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_sample_states_share_prompts_and_equal_the_padded_states(arch, attn):
+    """`sample_states` runs each prompt once for its samples (packed) and gives the padded rows'
+    states, in their order and on their grid, with their gradients."""
+    from softpo import packing
+
+    policy, _, rows = _sampled(arch, attn)
+    assert packing.share_prompts(rows, packing.mask_style(policy), 32) is not None
+    got = logprobs.sample_states(policy, rows)
+    want = logprobs.response_states(policy, rows.input_ids, rows.attention_mask, rows.response_mask)
+    for name in ("rows", "cols", "labels"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(want.hidden)
+    params = list(policy.parameters())
+    g_got = torch.autograd.grad((got.hidden * w).sum(), params)
+    g_want = torch.autograd.grad((want.hidden * w).sum(), params)
+    scale = max(float(b.abs().max()) for b in g_want)  # float rounding: 1e-5 of the largest entry
+    assert max(float((a - b).abs().max()) for a, b in zip(g_got, g_want)) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("budget_positions", [1024, 3])  # one chunk (log-probs kept), chunks of 3
+def test_token_kl_with_the_reference_log_probs_given_equals_unchunked(monkeypatch,
+                                                                      budget_positions):
+    """The reference given as its full log-probs (V, N) instead of states and output layer: the same
+    KL, label log-probs and gradients (hidden states, output weight and bias), whether the policy's
+    log-probs are kept for backward (one chunk) or recomputed (several)."""
+    states, head = _states(seed=2)
+    ref_head = nn.Linear(*head.weight.shape[::-1])
+    ref_hidden = torch.randn_like(states.hidden)
+    monkeypatch.setattr(logprobs, "LOGIT_BUDGET", budget_positions * head.weight.shape[0])
+    ref_logp = logprobs.head_log_probs(ref_head, ref_hidden)  # (V, N)
+    assert ref_logp.shape == (head.weight.shape[0], len(states.labels))
+    kl, lp = token_kl_and_logps(states, None, head, None, chunk_size=1024, ref_logp=ref_logp)
+    logits = head(states.hidden)
+    want_kl = exact_token_kl(logits, ref_head(ref_hidden).detach())
+    want_lp = torch.log_softmax(logits, -1).gather(-1, states.labels[:, None])[:, 0]
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(lp, want_lp)
+    weights = torch.randn(2, len(kl))  # any combination of the two outputs
+    wrt = [states.hidden, head.weight, head.bias]
+    g_got = torch.autograd.grad((weights[0] * kl + weights[1] * lp).sum(), wrt)
+    g_want = torch.autograd.grad((weights[0] * want_kl + weights[1] * want_lp).sum(), wrt)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_sample_view_keeps_full_log_probs_only_within_one_chunk(monkeypatch):
+    """`Reference.sample_view(keep_logps=True)`: the states, the sampled tokens' log-probs (those of
+    `token_logps`), and the full log-probs (V, N) when N positions fit one output-layer chunk."""
+    _, ref, rows = _sampled("llama")
+    reference = logprobs.Reference(ref, adapter_toggle=False)
+    hidden, token_lp, full = reference.sample_view(rows, keep_logps=True)
+    torch.testing.assert_close(token_lp, reference.token_logps(rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, reference.sample_hidden(rows))
+    states = logprobs.response_states(ref, rows.input_ids, rows.attention_mask, rows.response_mask)
+    assert full.shape == (ref.config.vocab_size, len(states.labels))
+    torch.testing.assert_close(full, torch.log_softmax(ref.lm_head(states.hidden), -1).t().detach(),
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(logprobs, "LOGIT_BUDGET", (len(states.labels) - 1) * full.shape[0])
+    assert reference.sample_view(rows, keep_logps=True)[2] is None
+    assert reference.sample_view(rows)[2] is None

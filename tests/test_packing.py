@@ -170,3 +170,53 @@ def test_packed_rows_in_length_groups_equal_one_block(monkeypatch, arch, attn):
         with torch.no_grad():
             out.append(logprobs.score_tokens(model, p, 1024).sum(-1))
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def _sample_rows(prompts: list[list[int]], responses: list[list[int]], k: int):
+    """Right-padded rows [prompt, response, pad] for k responses per prompt (prompt-major)."""
+    from softpo.packing import Rows
+
+    seqs = [(p, r) for i, p in enumerate(prompts) for r in responses[i * k:(i + 1) * k]]
+    T = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    resp = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(seqs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        resp[i, len(p):len(p) + len(r)] = True
+    return Rows(ids, (ids != 0).long(), resp)
+
+
+def test_share_prompts_packs_each_run_of_one_prompt_once():
+    """Prompts [5 6 7 8] and [9 10 11], two samples each: one packed row per prompt, [5 6 7 8 |
+    1 2 | 3 | pad] and [9 10 11 | 4 12 | 13 14 15]; the scored tokens in the padded rows' order
+    (sample by sample), each sample's first token predicted by its prompt's last token."""
+    from softpo.packing import share_prompts
+
+    rows = _sample_rows([[5, 6, 7, 8], [9, 10, 11]], [[1, 2], [3], [4, 12], [13, 14, 15]], 2)
+    p = share_prompts(rows, "bool", hidden_size=64)
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 1, 2, 3, 0], [9, 10, 11, 4, 12, 13, 14, 15]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 0], [0, 1, 2, 3, 4, 3, 4, 5]]
+    assert p.owner.tolist() == [0, 0, 1, 2, 2, 3, 3, 3]
+    assert p.rows.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert p.cols.tolist() == [4, 5, 6, 3, 4, 5, 6, 7]
+    assert p.prev.tolist() == [3, 4, 3, 2, 3, 2, 5, 6]
+
+
+def test_share_prompts_declines_what_it_cannot_or_need_not_share():
+    """None (the padded rows run instead) when no prompt repeats, the runs differ in size, a row
+    has no sampled token, or the packed rows' attention would cost more than the prompt saves."""
+    from softpo.packing import share_prompts
+
+    prompts, responses = [[5, 6, 7], [9, 10]], [[1], [2], [3], [4]]
+    assert share_prompts(_sample_rows(prompts, responses, 2), "bool", 64) is not None
+    once = _sample_rows([[5, 6, 7], [9, 10], [5, 6], [9]], responses, 1)
+    assert share_prompts(once, "bool", 64) is None
+    uneven = _sample_rows(prompts, responses, 2)
+    uneven.input_ids[1, :3] = torch.tensor([5, 6, 8])  # runs of 1, 1 and 2 rows
+    assert share_prompts(uneven, "bool", 64) is None
+    empty = _sample_rows(prompts, responses, 2)
+    empty.response_mask[3] = False
+    assert share_prompts(empty, "bool", 64) is None
+    long = _sample_rows([[5]], [[1] * 40, [2] * 40], 2)  # one-token prompt, 40-token samples
+    assert share_prompts(long, "bool", 1) is None
+    assert share_prompts(long, "bool", 1000) is not None  # wide layers: the tokens count
