@@ -707,6 +707,49 @@ def render_bench(res: dict) -> str:
     return "\n".join(out + [provenance(res), "", commands(res)])
 
 
+# The regulariser's cost alone, side by side with plain SPO and TRL's DPO (a short run).
+BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--steps", "1",
+             "--warmup", "1", "--variants", "trl-dpo,spo,spo-reg,spo-reg-every4"]
+
+
+@target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12)
+def measure_bench_reg(out: Path) -> dict:
+    folder = out / "bench" / "cpu-reg"
+    shutil.rmtree(folder, ignore_errors=True)
+    argv = [sys.executable, "-m", "bench", *BENCH_REG, "--out", str(folder)]
+    cmd = shown(argv).replace(str(folder), "runs/bench-reg")
+    print(f"results: {cmd}", file=sys.stderr, flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    res = {"commands": [cmd], "bench": {"cpu-reg": bench_tables(folder)}}
+    shutil.rmtree(out / "bench", ignore_errors=True)
+    return res
+
+
+block("bench-reg", "bench-reg")(lambda res: render_bench(res))
+
+
+# Data preparation at scale: softpo's start-up data path against TRL's, 200,000 rows.
+DATA_PREP = ["--rows", "200000", "--forms", "plain,chat", "--repeats", "1"]
+
+
+@target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30)
+def measure_data_prep(out: Path) -> dict:
+    folder = out / "bench" / "data-prep"
+    argv = [sys.executable, "-m", "bench.data_prep", *DATA_PREP, "--out", str(folder)]
+    cmd = shown(argv).replace(str(folder), "runs/data_prep")
+    print(f"results: {cmd}", file=sys.stderr, flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
+    summary = (folder / "summary.md").read_text()
+    shutil.rmtree(out / "bench", ignore_errors=True)
+    return {"commands": [cmd], "runs": runs, "summary": summary}
+
+
+@block("data-prep", "data-prep")
+def render_data_prep(res: dict) -> str:
+    return "\n".join([res["summary"].rstrip(), "", provenance(res), "", commands(res)])
+
+
 # Raw runs of `python -m bench` committed before this script existed (docs/bench/*.runs.jsonl):
 # `--import-bench` stores them as the bench-cpu target, stamped with the commit that added them.
 BENCH_RAW = {"cpu-gpt2-86m": "docs/bench/cpu-gpt2-86m-fp32.runs.jsonl",
