@@ -530,7 +530,7 @@ def render_online(res: dict) -> str:
         f"SPO alpha {r0['alpha']:g}, global KL beta {r0['beta']:g}, {r0['steps']} steps, "
         f"{r0['prompts']} training questions x {r0['responses']} answers; 32 held-out questions, "
         f"exact metrics over their candidate answers, pass@8 and the sequence KL to the reference "
-        f"from 8 sampled answers each. Training in {_precision(res)} on one thread; "
+        f"from 8 sampled answers each. Training in {_precision(res)} on one thread. "
         f"{TOLERANCES['online']} {provenance(res)}", "", commands(res)])
 
 
