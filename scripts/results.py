@@ -66,7 +66,7 @@ def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                            ":(exclude)docs"],  # a target's own output files are not changes
+                            ":(exclude)docs", ":(exclude)*.md"],  # documents are not changes
                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else "unknown"
 
