@@ -721,7 +721,7 @@ def measure_bench_reg(out: Path) -> dict:
     print(f"results: {cmd}", file=sys.stderr, flush=True)
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     res = {"commands": [cmd], "bench": {"cpu-reg": bench_tables(folder)}}
-    shutil.rmtree(out / "bench", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # only the run's own folder: docs/bench holds others
     return res
 
 
@@ -741,7 +741,7 @@ def measure_data_prep(out: Path) -> dict:
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
     summary = (folder / "summary.md").read_text()
-    shutil.rmtree(out / "bench", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # only the run's own folder: docs/bench holds others
     return {"commands": [cmd], "runs": runs, "summary": summary}
 
 
