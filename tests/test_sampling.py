@@ -16,18 +16,23 @@ def setup():
     return tok, model, ids, mask
 
 
+
+def assert_same_as_generate(got, model, tok, ids, mask, max_new_tokens: int, n: int) -> None:
+    """`got` (k=3, seed 5) holds exactly the rows generate(num_return_sequences=3) draws."""
+    config = pure_sampling_config(model, tok, max_new_tokens, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, n, 3)
+    assert torch.equal(got.rows.input_ids, want.rows.input_ids)
+    assert torch.equal(got.rows.response_mask, want.rows.response_mask)
+
 def test_shared_prompt_prefill_reproduces_plain_generate():
     """Prefilling each prompt once and repeating its cache k times draws exactly the samples that
     generate(num_return_sequences=k) draws with the same seed."""
     tok, model, ids, mask = setup()
     got = sample(model, tok, ids, mask, k=3, max_new_tokens=12, seed=5)
-    config = pure_sampling_config(model, tok, 12, 3)
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, 2, 3)
-    assert torch.equal(got.rows.input_ids, want.rows.input_ids)
-    assert torch.equal(got.rows.response_mask, want.rows.response_mask)
+    assert_same_as_generate(got, model, tok, ids, mask, 12, 2)
 
 
 def test_sampling_is_pure_seeded_and_leaves_rng_alone():
@@ -111,10 +116,4 @@ def test_reserved_cache_draws_what_generate_draws(monkeypatch, arch, room):
     layer = caches[0].layers[0]
     assert type(layer).__name__ == "_ReservedLayer" and layer.keys.shape[0] == 9
     assert layer.keys.data_ptr() == layer._k.data_ptr()  # a view of the buffer, not a copy
-    config = pure_sampling_config(model, tok, 20, 3)
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, 3, 3)
-    assert torch.equal(got.rows.input_ids, want.rows.input_ids)
-    assert torch.equal(got.rows.response_mask, want.rows.response_mask)
+    assert_same_as_generate(got, model, tok, ids, mask, 20, 3)
