@@ -708,7 +708,7 @@ def render_bench(res: dict) -> str:
 
 
 # The regulariser's cost alone, side by side with plain SPO and TRL's DPO (a short run).
-BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--steps", "1",
+BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--steps", "3",
              "--warmup", "1", "--variants", "trl-dpo,spo,spo-reg,spo-reg-every4"]
 
 
