@@ -594,9 +594,12 @@ def render_experts(res: dict, expert: str) -> str:
         rows.append({"model": name, **{label: cell([p.get(k) for p in mine])
                                        for k, label in labels.items()}})
     seeds = sorted({p["seed"] for p in points})
-    other = sorted({(p["commit"], p["seed"], p["point"]) for p in points
-                    if p.get("commit", res["commit"]) != res["commit"]})
-    earlier = "".join(f" {name} (seed {seed}) was trained at commit `{c}`." for c, seed, name in other)
+    other: dict = {}  # points measured at another commit than the stored run's
+    for p in points:
+        if p.get("commit", res["commit"]) != res["commit"]:
+            other.setdefault((p["commit"], p["seed"]), []).append(p["point"])
+    earlier = "".join(f" Seed {seed}'s points ({', '.join(names)}) were measured at commit `{c}`."
+                      for (c, seed), names in sorted(other.items()))
     return "\n".join([
         table(rows, ("model", *labels.values())), "",
         f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}: 55 held-out "

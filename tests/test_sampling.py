@@ -16,16 +16,18 @@ def setup():
     return tok, model, ids, mask
 
 
-
-def assert_same_as_generate(got, model, tok, ids, mask, max_new_tokens: int, n: int) -> None:
+def assert_same_as_generate(got, model, tok, ids, mask, max_new_tokens: int,
+                            num_prompts: int) -> None:
     """`got` (k=3, seed 5) holds exactly the rows generate(num_return_sequences=3) draws."""
     config = pure_sampling_config(model, tok, max_new_tokens, 3)
     with torch.random.fork_rng():
         torch.manual_seed(5)
         seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id, n, 3)
+    want = to_rows(seq, mask.repeat_interleave(3, 0), config.eos_token_id, tok.pad_token_id,
+                   num_prompts, 3)
     assert torch.equal(got.rows.input_ids, want.rows.input_ids)
     assert torch.equal(got.rows.response_mask, want.rows.response_mask)
+
 
 def test_shared_prompt_prefill_reproduces_plain_generate():
     """Prefilling each prompt once and repeating its cache k times draws exactly the samples that
