@@ -573,6 +573,13 @@ def _experts_compare(old: dict, new: dict) -> list[str]:
 TARGETS["experts"].compare = _experts_compare
 
 
+def _ref_nll_per_token(point: dict) -> float:
+    """The reference's negative log-likelihood of the model's answers per token: (entropy + KL) /
+    tokens, since both are means over the same samples of -log pi and log pi - log ref. The
+    reference scores its own answers at about 2 nats per token; nonsense scores far higher."""
+    return (point["entropy"] + point["kl"]) / point["length"]
+
+
 def render_experts(res: dict, expert: str) -> str:
     import statistics
 
@@ -586,11 +593,11 @@ def render_experts(res: dict, expert: str) -> str:
     points = [p for p in res["points"] if p["expert"] == expert]
     names = list(dict.fromkeys(p["point"] for p in points))
     labels = {"reward": "held-out reward", "kl": "KL to reference", "entropy": "entropy",
-              "distinct_2": "distinct-2", "words": "words", "start_pref_saturated":
-              "saturated at start", "start_margin": "start margin (nats)"}
+              "ref_nll": "reference NLL / token", "distinct_2": "distinct-2", "words": "words",
+              "start_pref_saturated": "saturated at start", "start_margin": "start margin (nats)"}
     rows = []
     for name in names:
-        mine = [p for p in points if p["point"] == name]
+        mine = [p | {"ref_nll": _ref_nll_per_token(p)} for p in points if p["point"] == name]
         rows.append({"model": name, **{label: cell([p.get(k) for p in mine])
                                        for k, label in labels.items()}})
     seeds = sorted({p["seed"] for p in points})
@@ -604,7 +611,8 @@ def render_experts(res: dict, expert: str) -> str:
         table(rows, ("model", *labels.values())), "",
         f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}: 55 held-out "
         f"questions x 4 sampled answers (32 new tokens) per model; KL to the reference and entropy "
-        f"in nats per answer, from the samples' log-probs. {TOLERANCES['online']} "
+        f"in nats per answer, from the samples' log-probs; reference NLL / token = (entropy + KL) "
+        f"/ answer tokens, how unlikely the reference finds the answers. {TOLERANCES['online']} "
         f"{provenance(res)}{earlier}", "", commands(res)])
 
 
