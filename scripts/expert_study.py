@@ -67,7 +67,12 @@ def points() -> dict[str, Point]:
             Point("spo-a0.03-n8", alpha=0.03, n=8),
             Point("spo-a0.03-ranked", loss="spo_ranked", alpha=0.03, fmt="ranked"),
             Point("spo-a0.03-mu", alpha=0.03, gamma=1.0),
-            Point("spo-a0.03-beta0", alpha=0.03, beta=0.0)]
+            Point("spo-a0.03-beta0", alpha=0.03, beta=0.0),
+            Point("spo-a1-beta0.5", alpha=1.0, beta=0.5)]
+    for lr in ("3e-4", "1e-4"):  # the same points at a smaller learning rate than the config's 1e-3
+        out += [Point(f"spo-a{a:g}-lr{lr}", alpha=a, overrides=(f"optim.lr={lr}",))
+                for a in (1.0, 0.3, 0.1)]
+        out.append(Point(f"dpo-lr{lr}", loss="dpo", beta=0.1, overrides=(f"optim.lr={lr}",)))
     return {p.name: p for p in out}
 
 
@@ -156,6 +161,15 @@ def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -
     return result | {"seconds": round(time.perf_counter() - t0, 1)}
 
 
+def commit() -> str | None:
+    """The repository's short commit, stored with every point (None outside a git checkout)."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--expert", choices=sorted(EXPERTS), required=True)
@@ -182,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             if (a.expert, seed, name) in done:
                 continue
             result = run_point(table[name], a.expert, seed, base_path, a.out)
-            row = {"expert": a.expert, "seed": seed, "point": name, **vars(table[name]), **result}
+            row = {"expert": a.expert, "seed": seed, "point": name, "commit": commit(),
+                   **vars(table[name]), **result}
             row["overrides"] = list(row["overrides"])
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
