@@ -536,22 +536,24 @@ def render_online(res: dict) -> str:
 
 # ------------------------------------------------------------------------ a user's expert
 
-EXPERT_POINTS = ("reference", "spo-a1", "dpo")  # the alpha grid (spo-a0.1, ...): docs/experts.md
-EXPERT_SEEDS = (0, 1, 2)
+# (points, seeds): SPO alpha 1 and DPO at the config's learning rate and at 3e-4 on three seeds,
+# then one seed of each further knob (alpha 0.3, the global KL weight beta 0.5)
+EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
+               (("spo-a0.3-lr3e-4", "spo-a1-beta0.5"), (0,)))
 
 
-@target("experts", "scripts/expert_study.py: SPO (alpha 1) and DPO, concise and plain experts, "
-                   "seeds 0, 1, 2", 150)
+@target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
+                   "learning rates (seeds 0, 1, 2) and further knobs (seed 0)", 240)
 def measure_experts(out: Path) -> dict:
     # a folder that survives an interrupted run (finished points are kept and skipped)
     work = ROOT / "runs" / "results-experts" if out == ROOT / "docs" else out / "expert_runs"
     argvs, cmds = [], []
-    for expert in ("concise", "plain"):
-        args = ["--expert", expert, "--points", ",".join(EXPERT_POINTS), "--seeds",
-                *map(str, EXPERT_SEEDS)]
-        argvs.append([sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
-                      str(work / expert)])
-        cmds.append("OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args))
+    for names, seeds in EXPERT_RUNS:  # two at a time, in this order: the three-seed points first
+        for expert in ("concise", "plain"):
+            args = ["--expert", expert, "--points", ",".join(names), "--seeds", *map(str, seeds)]
+            argvs.append([sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
+                          str(work / expert)])
+            cmds.append("OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args))
     points = [p for res in run_json_parallel(argvs) for p in res["points"]]
     shutil.rmtree(work, ignore_errors=True)
     return {"commands": cmds, "points": points}
@@ -587,8 +589,9 @@ def render_experts(res: dict, expert: str) -> str:
         values = [v for v in values if v is not None]
         if not values:
             return "-"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.3f} ({sd:.3f})"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.fmean(values):.3f} ({statistics.stdev(values):.3f})"
 
     points = [p for p in res["points"] if p["expert"] == expert]
     names = list(dict.fromkeys(p["point"] for p in points))
@@ -604,12 +607,15 @@ def render_experts(res: dict, expert: str) -> str:
     other: dict = {}  # points measured at another commit than the stored run's
     for p in points:
         if p.get("commit", res["commit"]) != res["commit"]:
-            other.setdefault((p["commit"], p["seed"]), []).append(p["point"])
-    earlier = "".join(f" Seed {seed}'s points ({', '.join(names)}) were measured at commit `{c}`."
-                      for (c, seed), names in sorted(other.items()))
+            other.setdefault(p["commit"], {}).setdefault(p["seed"], []).append(p["point"])
+    earlier = "".join(
+        f" At commit `{c}`: " + "; ".join(f"seed {seed}'s {', '.join(names)}"
+                                         for seed, names in sorted(by_seed.items())) + "."
+        for c, by_seed in sorted(other.items()))
     return "\n".join([
         table(rows, ("model", *labels.values())), "",
-        f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}: 55 held-out "
+        f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone where "
+        f"a number has no spread: 55 held-out "
         f"questions x 4 sampled answers (32 new tokens) per model; KL to the reference and entropy "
         f"in nats per answer, from the samples' log-probs; reference NLL / token = (entropy + KL) "
         f"/ answer tokens, how unlikely the reference finds the answers. {TOLERANCES['online']} "
