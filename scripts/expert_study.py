@@ -6,7 +6,7 @@
 For each expert and seed: the embedded SmolLM2-135M-Instruct samples `n` answers to each of the
 128 training questions (examples/data/questions_train.jsonl, as a user turn, 32 new tokens), the
 expert labels them (`softpo build-prefs` with the point's pairing and format), LoRA adapters are
-trained for `steps` steps (configs/smollm2_lora.yaml; bf16 autocast where the hardware has fast
+trained for `steps` steps at learning rate `lr` (configs/smollm2_lora.yaml; bf16 autocast where the hardware has fast
 bf16, as `softpo demo`), and every model answers the 55 held-out
 questions 4 times (pure sampling, 32 new tokens): mean expert reward, the share of answers cut at
 the token limit, the sequence KL to the reference and the entropy (both from the samples'
@@ -50,6 +50,7 @@ class Point:
     pairs_per_prompt: int = 1
     keep_ties: bool = False
     steps: int = 30
+    lr: float = 1e-3
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -67,12 +68,12 @@ def points() -> dict[str, Point]:
             Point("spo-a0.03-n8", alpha=0.03, n=8),
             Point("spo-a0.03-ranked", loss="spo_ranked", alpha=0.03, fmt="ranked"),
             Point("spo-a0.03-mu", alpha=0.03, gamma=1.0),
-            Point("spo-a0.03-beta0", alpha=0.03, beta=0.0),
-            Point("spo-a1-beta0.5", alpha=1.0, beta=0.5)]
-    for lr in ("3e-4", "1e-4"):  # the same points at a smaller learning rate than the config's 1e-3
-        out += [Point(f"spo-a{a:g}-lr{lr}", alpha=a, overrides=(f"optim.lr={lr}",))
-                for a in (1.0, 0.3, 0.1)]
-        out.append(Point(f"dpo-lr{lr}", loss="dpo", beta=0.1, overrides=(f"optim.lr={lr}",)))
+            Point("spo-a0.03-beta0", alpha=0.03, beta=0.0)]
+    for tag in ("3e-4", "1e-4"):  # the same points at smaller learning rates (3e-4: the config's)
+        lr = float(tag)
+        out += [Point(f"spo-a{a:g}-lr{tag}", alpha=a, lr=lr) for a in (1.0, 0.3, 0.1)]
+        out += [Point(f"spo-a1-beta{b:g}-lr{tag}", beta=b, lr=lr) for b in (0.5, 2.0)]
+        out.append(Point(f"dpo-lr{tag}", loss="dpo", beta=0.1, lr=lr))
     return {p.name: p for p in out}
 
 
@@ -140,7 +141,8 @@ def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -
     cfg = load_config(ROOT / "configs" / "smollm2_lora.yaml", [
         f"model.name_or_path={base_path}", f"data.train={prefs}", f"loss.name={point.loss}",
         f"loss.alpha={point.alpha}", f"loss.beta={point.beta}", f"loss.gamma={point.gamma}",
-        f"train.max_steps={point.steps}", f"train.output_dir={run_dir}", f"train.seed={seed}",
+        f"train.max_steps={point.steps}", f"optim.lr={point.lr}", f"train.output_dir={run_dir}",
+        f"train.seed={seed}",
         "train.save_steps=0", "train.eval_steps=0", "train.progress=false",
         "train.report_to=[jsonl]", f"model.autocast_bf16={str(precision_bf16()).lower()}",
         *point.overrides])

@@ -537,9 +537,9 @@ def render_online(res: dict) -> str:
 # ------------------------------------------------------------------------ a user's expert
 
 # (points, seeds): SPO alpha 1 and DPO at the config's learning rate and at 3e-4 on three seeds,
-# then one seed of each further knob (alpha 0.3, the global KL weight beta 0.5)
+# then one seed of each further knob at 3e-4 (alpha 0.3, the global KL weight beta 0.5 and 2)
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
-               (("spo-a0.3-lr3e-4", "spo-a1-beta0.5"), (0,)))
+               (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4"), (0,)))
 
 
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
