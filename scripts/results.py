@@ -582,44 +582,67 @@ def _ref_nll_per_token(point: dict) -> float:
     return (point["entropy"] + point["kl"]) / point["length"]
 
 
-def render_experts(res: dict, expert: str) -> str:
+EXPERT_LABELS = {"reward": "held-out reward", "kl": "KL to reference", "entropy": "entropy",
+                 "ref_nll": "reference NLL / token", "distinct_2": "distinct-2", "words": "words",
+                 "start_pref_saturated": "saturated at start",
+                 "start_margin": "start margin (nats)"}
+
+
+def _expert_cells(points: list[dict], keys) -> dict[str, str]:
+    """Mean (standard deviation) over the points' seeds of each key; one seed: the value alone."""
     import statistics
 
-    def cell(values: list) -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        if len(values) == 1:
-            return f"{values[0]:.3f}"
-        return f"{statistics.fmean(values):.3f} ({statistics.stdev(values):.3f})"
+    cells = {}
+    for k in keys:
+        values = [v for p in points if (v := (_ref_nll_per_token(p) if k == "ref_nll"
+                                              else p.get(k))) is not None]
+        cells[EXPERT_LABELS[k]] = ("-" if not values else f"{values[0]:.3f}" if len(values) == 1
+                                   else f"{statistics.fmean(values):.3f} "
+                                        f"({statistics.stdev(values):.3f})")
+    return cells
 
-    points = [p for p in res["points"] if p["expert"] == expert]
-    names = list(dict.fromkeys(p["point"] for p in points))
-    labels = {"reward": "held-out reward", "kl": "KL to reference", "entropy": "entropy",
-              "ref_nll": "reference NLL / token", "distinct_2": "distinct-2", "words": "words",
-              "start_pref_saturated": "saturated at start", "start_margin": "start margin (nats)"}
-    rows = []
-    for name in names:
-        mine = [p | {"ref_nll": _ref_nll_per_token(p)} for p in points if p["point"] == name]
-        rows.append({"model": name, **{label: cell([p.get(k) for p in mine])
-                                       for k, label in labels.items()}})
+
+def _expert_caption(res: dict, points: list[dict]) -> str:
     seeds = sorted({p["seed"] for p in points})
-    other: dict = {}  # points measured at another commit than the stored run's
+    other: dict = {}  # commit -> point -> seeds, for points measured at another commit
     for p in points:
         if p.get("commit", res["commit"]) != res["commit"]:
-            other.setdefault(p["commit"], {}).setdefault(p["seed"], []).append(p["point"])
-    earlier = "".join(
-        f" At commit `{c}`: " + "; ".join(f"seed {seed}'s {', '.join(names)}"
-                                         for seed, names in sorted(by_seed.items())) + "."
-        for c, by_seed in sorted(other.items()))
-    return "\n".join([
-        table(rows, ("model", *labels.values())), "",
-        f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone where "
-        f"a number has no spread: 55 held-out "
-        f"questions x 4 sampled answers (32 new tokens) per model; KL to the reference and entropy "
-        f"in nats per answer, from the samples' log-probs; reference NLL / token = (entropy + KL) "
-        f"/ answer tokens, how unlikely the reference finds the answers. {TOLERANCES['online']} "
-        f"{provenance(res)}{earlier}", "", commands(res)])
+            other.setdefault(p["commit"], {}).setdefault(p["point"], []).append(str(p["seed"]))
+    earlier = "".join(f" At commit `{c}`: " + ", ".join(
+        f"{name} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for name, s in by_name.items())
+        + "." for c, by_name in sorted(other.items()))
+    return (f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone "
+            f"where a number has no spread: 55 held-out questions x 4 sampled answers (32 new "
+            f"tokens) per model; KL to the reference and entropy in nats per answer, from the "
+            f"samples' log-probs; reference NLL / token = (entropy + KL) / answer tokens, how "
+            f"unlikely the reference finds the answers. {TOLERANCES['online']} "
+            f"{provenance(res)}{earlier}")
+
+
+def render_experts(res: dict, expert: str) -> str:
+    points = [p for p in res["points"] if p["expert"] == expert]
+    rows = [{"model": name, **_expert_cells([p for p in points if p["point"] == name],
+                                            EXPERT_LABELS)}
+            for name in dict.fromkeys(p["point"] for p in points)]
+    return "\n".join([table(rows, ("model", *EXPERT_LABELS.values())), "",
+                      _expert_caption(res, points), "", commands(res)])
+
+
+EXPERT_SUMMARY = ("reference", "spo-a1-lr3e-4", "dpo-lr3e-4")  # the config's settings
+
+
+@block("experts", "experts-summary")
+def render_experts_summary(res: dict) -> str:
+    keys = ("reward", "kl", "ref_nll", "distinct_2")
+    rows, shown = [], []
+    for expert in ("concise", "plain"):
+        for name in EXPERT_SUMMARY:
+            mine = [p for p in res["points"] if p["expert"] == expert and p["point"] == name]
+            shown += mine
+            if mine:
+                rows.append({"expert": expert, "model": name, **_expert_cells(mine, keys)})
+    return "\n".join([table(rows, ("expert", "model", *(EXPERT_LABELS[k] for k in keys))), "",
+                      _expert_caption(res, shown), "", commands(res)])
 
 
 for _expert in ("concise", "plain"):

@@ -25,6 +25,9 @@ samples are summarised. With P prompts, k samples each, rewards r_i and successe
     kl               with a reference: mean over samples y ~ pi of log pi(y|x) - log pi_ref(y|x),
                      an unbiased Monte Carlo estimate of the sequence KL(pi || pi_ref), nats
     entropy          -mean log pi(y|x), an unbiased estimate of the sequence entropy, nats
+    ref_nll          with a reference: -sum log pi_ref(y|x) / sum of the samples' tokens, how
+                     unlikely the reference finds the answers, nats per token (its own answers
+                     score their entropy per token; answers that left its language score higher)
 
 kl and entropy are expectations under the model's own distribution, so they are reported only at
 temperature 1 (samples at another temperature come from another distribution). Words are
@@ -85,6 +88,7 @@ class ModelEval:
     distinct_correct: float = 0.0
     kl: float | None = None
     entropy: float | None = None
+    ref_nll: float | None = None
 
     def as_dict(self) -> dict:
         """Flat numbers: `pass@j` keys for every j, None for what was not measured."""
@@ -152,7 +156,9 @@ def summarize(name: str, drawn: DrawnSamples, rewards: list[float], num_prompts:
         length=float(drawn.lengths.double().mean()),
         truncated=float((~drawn.finished).double().mean()),
         distinct_correct=statistics.fmean(map(distinct_successes, texts, right)),
-        kl=kl, entropy=float(-logps.mean()) if pure else None)
+        kl=kl, entropy=float(-logps.mean()) if pure else None,
+        ref_nll=None if drawn.ref_logps is None else
+        float(-drawn.ref_logps.double().sum() / drawn.lengths.double().sum()))
 
 
 def _per_prompt_distinct(texts: list[list[str]], n: int) -> float:
@@ -231,12 +237,13 @@ def results_table(summaries: list[ModelEval], k: int, all_ks: bool = False) -> s
     """One Markdown row per model (pass@j for `shown_ks(k)`, or every j with `all_ks`)."""
     ks = list(range(1, k + 1)) if all_ks else shown_ks(k)
     header = ["model", "reward", "se", "sd", "success", *[f"pass@{j}" for j in ks],
-              "distinct-1", "distinct-2", "self-sim", "tokens", "cut", "KL to ref", "entropy"]
+              "distinct-1", "distinct-2", "self-sim", "tokens", "cut", "KL to ref", "entropy",
+              "ref NLL/tok"]
     rows = []
     for m in summaries:
         values = [m.reward, m.reward_se, m.reward_sd, m.success, *[m.pass_at[j] for j in ks],
                   m.distinct_1, m.distinct_2, m.self_similarity, m.length, m.truncated, m.kl,
-                  m.entropy]
+                  m.entropy, m.ref_nll]
         rows.append([m.model, *("-" if v is None or not math.isfinite(v) else float(v)
                                 for v in values)])
     return markdown_table(header, rows)
@@ -266,7 +273,8 @@ def summary_document(summaries: list[ModelEval], num_prompts: int, s: EvalSettin
         "success: share of samples with reward >= the threshold; pass@j: unbiased estimate "
         "1 - C(k-c, j)/C(k, j) averaged over prompts; distinct-n and self-sim (mean pairwise "
         "Jaccard of word sets) within a prompt's samples; tokens: mean response length; cut: "
-        "share cut at the token limit; KL to ref and entropy: Monte Carlo, nats per response.",
+        "share cut at the token limit; KL to ref and entropy: Monte Carlo, nats per response; "
+        "ref NLL/tok: the reference's negative log-likelihood of the samples, nats per token.",
         ""])
     return data, text
 

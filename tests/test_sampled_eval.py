@@ -73,7 +73,7 @@ def test_summary_by_hand():
     mean 2.5/6; prompt means 2/3 and 1/6, se = sd(2/3, 1/6) / sqrt(2) = 0.25; successes 2 and 0:
     pass@1 = (2/3 + 0) / 2, pass@2 = (1 + 0) / 2, pass@3 = 1/2. Log-probs (-1, -2, -3 | -4, -5, -6),
     reference all -2: KL = mean(1, 0, -1, -2, -3, -4) = -1.5 (a Monte Carlo estimate can be
-    negative), entropy 3.5. distinct-1: prompt 1 "a b", "a", "c" -> 3 of 4 words, prompt 2 "d d"
+    negative), entropy 3.5, reference NLL per token 12 / 28 (the lengths sum to 28). distinct-1: prompt 1 "a b", "a", "c" -> 3 of 4 words, prompt 2 "d d"
     x 3 -> 1 of 6. self-sim: prompt 1 pairs 1/2, 0, 0 -> 1/6; prompt 2 -> 1. Different right
     answers: prompt 1 "a b" and "c", prompt 2 none -> 1."""
     drawn = DrawnSamples(owners=[0, 0, 0, 1, 1, 1], texts=["a b", "a", "c", "d d", "d d", "d d"],
@@ -89,6 +89,7 @@ def test_summary_by_hand():
     assert m.success == pytest.approx(2 / 6)
     assert m.pass_at == pytest.approx({1: 1 / 3, 2: 0.5, 3: 0.5})
     assert (m.kl, m.entropy) == (pytest.approx(-1.5), pytest.approx(3.5))
+    assert m.ref_nll == pytest.approx(12 / 28)
     assert m.distinct_1 == pytest.approx((3 / 4 + 1 / 6) / 2)
     assert m.distinct_2 == pytest.approx((1 + 1 / 3) / 2)  # "a b" | "d d" x 3: 1 of 3
     assert m.self_similarity == pytest.approx((1 / 6 + 1) / 2)
@@ -96,6 +97,7 @@ def test_summary_by_hand():
     assert m.distinct_correct == pytest.approx(1.0)
     hot = summarize("m", drawn, rewards, 2, EvalSettings(k=3, temperature=0.7))
     assert hot.kl is None and hot.entropy is None  # another distribution than the model's
+    assert hot.ref_nll == pytest.approx(12 / 28)  # the reference scores whatever was sampled
 
 
 def test_the_expert_is_called_once_per_distinct_pair():
@@ -180,6 +182,8 @@ def test_eval_compares_models_on_the_same_samples(models, workdir, capsys):
         assert summary["entropy"] == pytest.approx(-sum(r["logp"] for r in mine) / len(mine))
         assert summary["kl"] == pytest.approx(sum(r["logp"] - r["ref_logp"] for r in mine)
                                               / len(mine), abs=1e-6)
+        assert summary["ref_nll"] == pytest.approx(-sum(r["ref_logp"] for r in mine)
+                                                   / sum(r["tokens"] for r in mine))
         assert summary["truncated"] == pytest.approx(sum(r["truncated"] for r in mine) / len(mine))
         hits = [sum(r["success"] for r in mine if r["prompt_index"] == i) for i in range(3)]
         assert summary["pass@2"] == pytest.approx(sum(pass_at_k(4, c, 2) for c in hits) / 3)
@@ -192,7 +196,7 @@ def test_eval_compares_models_on_the_same_samples(models, workdir, capsys):
             for line in (workdir / "alone" / "samples.jsonl").read_text().splitlines()]
     assert [r["response"] for r in solo] == \
         [r["response"] for r in records if r["model"] == str(models / "m2")]
-    assert alone["models"][0]["kl"] is None  # no reference, no KL
+    assert alone["models"][0]["kl"] is None and alone["models"][0]["ref_nll"] is None  # no ref
 
 
 def test_eval_prints_one_table_and_reads_a_lora_folder(models, workdir, capsys):
@@ -207,7 +211,8 @@ def test_eval_prints_one_table_and_reads_a_lora_folder(models, workdir, capsys):
     assert lines[1].startswith("| model | reward | se | sd | success | pass@1 | pass@2 |")
     lora_row, base_row = lines[3].split(" | "), lines[4].split(" | ")
     assert len(lines) == 5 and lora_row[0] == f"| {models / 'lora'}"
-    assert float(lora_row[-2]) > 0 and base_row[-2] == "0"  # KL to ref (m1 = the LoRA's base)
+    assert float(lora_row[-3]) > 0 and base_row[-3] == "0"  # KL to ref (m1 = the LoRA's base)
+    assert float(lora_row[-1].rstrip(" |")) > 0  # the reference's NLL per token of the samples
     hot = _eval(capsys, models / "m1", "--prompts", workdir / "heldout.jsonl", "--expert",
                 "evalexpert:reward", "-n", 2, "--max-new-tokens", 4, "--ref", models / "m1",
                 "--temperature", 0.5)
