@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from softpo.models import fetch_default
 
+    code = commit()  # the code this process runs, whatever is committed while it runs
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base_path = str(fetch_default(progress=False))
     table = points()
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             if (a.expert, seed, name) in done:
                 continue
             result = run_point(table[name], a.expert, seed, base_path, a.out)
-            row = {"expert": a.expert, "seed": seed, "point": name, "commit": commit(),
+            row = {"expert": a.expert, "seed": seed, "point": name, "commit": code,
                    **vars(table[name]), **result}
             row["overrides"] = list(row["overrides"])
             with log.open("a") as f:
