@@ -170,21 +170,9 @@ def test_length_groups_on_many_rows_use_coarse_cuts_and_cover_every_row():
 
 def _sampled(arch: str, attn: str = "sdpa"):
     """A tiny model, a perturbed copy as the policy, and k = 3 samples for each of 2 prompts."""
-    import copy
+    from tiny_samples import perturbed_samples
 
-    from softpo.config import TinyModelConfig
-    from softpo.models import build_tiny_model, byte_tokenizer
-    from softpo.sampling import sample
-
-    tok = byte_tokenizer()
-    ref = build_tiny_model(TinyModelConfig(architecture=arch, n_layer=2, n_embd=32, n_head=2), tok,
-                           seed=0, attn_implementation=attn)
-    policy = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    enc = tok(["a question?", "hi"], return_tensors="pt", padding=True, padding_side="left")
-    batch = sample(policy, tok, enc["input_ids"], enc["attention_mask"], 3, 7, seed=2)
+    policy, ref, _, batch = perturbed_samples(arch, attn, ["a question?", "hi"], 3, 7, seed=2)
     return policy, ref, batch.rows
 
 

@@ -122,23 +122,12 @@ def test_unsupported_attention_is_a_user_error(tmp_path):
 def test_packed_sample_scoring_equals_padded(arch, attn):
     """`softpo.evaluation.score_samples`: k samples per prompt scored in one packed row give the
     padded rows' log-probs, for the policy and for the reference."""
-    import copy
+    from tiny_samples import perturbed_samples
 
-    from softpo.config import TinyModelConfig
     from softpo.evaluation import _packed_samples, score_samples
     from softpo.logprobs import Reference
-    from softpo.models import build_tiny_model, byte_tokenizer
-    from softpo.sampling import sample
 
-    tok = byte_tokenizer()
-    cfg = TinyModelConfig(architecture=arch, n_layer=2, n_embd=32, n_head=2)
-    model = build_tiny_model(cfg, tok, seed=0, attn_implementation=attn).eval()
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    enc = tok(["ab", "hello there"], return_tensors="pt", padding=True, padding_side="left")
-    batch = sample(model, tok, enc["input_ids"], enc["attention_mask"], 3, 6, seed=1)
+    model, ref, tok, batch = perturbed_samples(arch, attn, ["ab", "hello there"], 3, 6, seed=1)
     reference = Reference(ref, adapter_toggle=False)
     assert _packed_samples(model, batch, tok.pad_token_id) is not None  # the packed path runs
     with torch.no_grad():
