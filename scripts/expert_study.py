@@ -72,8 +72,12 @@ def points() -> dict[str, Point]:
     for tag in ("3e-4", "1e-4"):  # the same points at smaller learning rates (3e-4: the config's)
         lr = float(tag)
         out += [Point(f"spo-a{a:g}-lr{tag}", alpha=a, lr=lr) for a in (1.0, 0.3, 0.1)]
-        out += [Point(f"spo-a1-beta{b:g}-lr{tag}", beta=b, lr=lr) for b in (0.5, 2.0)]
+        out += [Point(f"spo-a1-beta{b:g}-lr{tag}", beta=b, lr=lr) for b in (0.2, 0.5, 2.0)]
         out.append(Point(f"dpo-lr{tag}", loss="dpo", beta=0.1, lr=lr))
+        out += [Point(f"spo-a1-bt0.1-lr{tag}", pairing="bt", bt_temperature=0.1,
+                      pairs_per_prompt=0, lr=lr),
+                Point(f"spo-a1-n8-lr{tag}", n=8, lr=lr),
+                Point(f"spo-a1-ranked-lr{tag}", loss="spo_ranked", fmt="ranked", lr=lr)]
     return {p.name: p for p in out}
 
 

@@ -536,10 +536,13 @@ def render_online(res: dict) -> str:
 
 # ------------------------------------------------------------------------ a user's expert
 
-# (points, seeds): SPO alpha 1 and DPO at the config's learning rate and at 3e-4 on three seeds,
-# then one seed of each further knob at 3e-4 (alpha 0.3, the global KL weight beta 0.5 and 2)
+# (points, seeds): SPO alpha 1 and DPO at learning rate 1e-3 and at 3e-4 (the config's) on three seeds,
+# then one seed of each further knob at 3e-4: alpha 0.3, the global KL weight beta 0.2, 0.5 and 2,
+# Bradley-Terry labels at temperature 0.1 (every pair), 8 answers per question, ranked lists
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
-               (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4"), (0,)))
+               (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4",
+                 "spo-a1-beta0.2-lr3e-4", "spo-a1-bt0.1-lr3e-4", "spo-a1-n8-lr3e-4",
+                 "spo-a1-ranked-lr3e-4"), (0,)))
 
 
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
@@ -603,11 +606,18 @@ def _expert_cells(points: list[dict], keys) -> dict[str, str]:
 
 
 def _expert_caption(res: dict, points: list[dict]) -> str:
+    """The caption of an experts table: what a cell is and the commit each point was measured at
+    (the commit most points share is named first; the others list their points and seeds)."""
+    import collections
+
     seeds = sorted({p["seed"] for p in points})
+    commits = collections.Counter(p.get("commit", res["commit"]) for p in points)
+    main = commits.most_common(1)[0][0] if commits else res["commit"]
     other: dict = {}  # commit -> point -> seeds, for points measured at another commit
     for p in points:
-        if p.get("commit", res["commit"]) != res["commit"]:
-            other.setdefault(p["commit"], {}).setdefault(p["point"], []).append(str(p["seed"]))
+        if p.get("commit", res["commit"]) != main:
+            seen = other.setdefault(p["commit"], {}).setdefault(p["point"], [])
+            seen += [] if str(p["seed"]) in seen else [str(p["seed"])]
     earlier = "".join(f" At commit `{c}`: " + ", ".join(
         f"{name} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for name, s in by_name.items())
         + "." for c, by_name in sorted(other.items()))
@@ -616,7 +626,7 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
             f"tokens) per model; KL to the reference and entropy in nats per answer, from the "
             f"samples' log-probs; reference NLL / token = (entropy + KL) / answer tokens, how "
             f"unlikely the reference finds the answers. {TOLERANCES['online']} "
-            f"{provenance(res)}{earlier}")
+            f"{provenance({**res, 'commit': main})}{earlier}")
 
 
 def render_experts(res: dict, expert: str) -> str:
@@ -628,7 +638,9 @@ def render_experts(res: dict, expert: str) -> str:
                       _expert_caption(res, points), "", commands(res)])
 
 
-EXPERT_SUMMARY = ("reference", "spo-a1-lr3e-4", "dpo-lr3e-4")  # the config's settings
+EXPERT_SUMMARY = {"reference": "reference (SmolLM2-135M-Instruct)",  # point -> README label
+                  "spo-a1-lr3e-4": "SPO, configs/smollm2_lora.yaml",
+                  "dpo-lr3e-4": "DPO beta 0.1, same config"}
 
 
 @block("experts", "experts-summary")
@@ -640,7 +652,8 @@ def render_experts_summary(res: dict) -> str:
             mine = [p for p in res["points"] if p["expert"] == expert and p["point"] == name]
             shown += mine
             if mine:
-                rows.append({"expert": expert, "model": name, **_expert_cells(mine, keys)})
+                rows.append({"expert": expert, "model": EXPERT_SUMMARY[name],
+                             **_expert_cells(mine, keys)})
     return "\n".join([table(rows, ("expert", "model", *(EXPERT_LABELS[k] for k in keys))), "",
                       _expert_caption(res, shown), "", commands(res)])
 
