@@ -616,17 +616,19 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
     other: dict = {}  # commit -> point -> seeds, for points measured at another commit
     for p in points:
         if p.get("commit", res["commit"]) != main:
-            seen = other.setdefault(p["commit"], {}).setdefault(p["point"], [])
-            seen += [] if str(p["seed"]) in seen else [str(p["seed"])]
+            other.setdefault(p["commit"], {}).setdefault(p["point"], set()).add(p["seed"])
     earlier = "".join(f" At commit `{c}`: " + ", ".join(
-        f"{name} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for name, s in by_name.items())
-        + "." for c, by_name in sorted(other.items()))
+        f"{name} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))})"
+        for name, s in by_name.items()) + "." for c, by_name in sorted(other.items()))
+    precision = ("LoRA trained under bf16 autocast, evaluated in float32. "
+                 if res["machine"].get("fast_bf16") else "")
+    # points are stored without a date: the date is the last store's
     return (f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone "
             f"where a number has no spread: 55 held-out questions x 4 sampled answers (32 new "
             f"tokens) per model; KL to the reference and entropy in nats per answer, from the "
             f"samples' log-probs; reference NLL / token = (entropy + KL) / answer tokens, how "
-            f"unlikely the reference finds the answers. {TOLERANCES['online']} "
-            f"{provenance({**res, 'commit': main})}{earlier}")
+            f"unlikely the reference finds the answers. {precision}{TOLERANCES['online']} "
+            f"{provenance({**res, 'commit': main, 'date': 'or before ' + res['date']})}{earlier}")
 
 
 def render_experts(res: dict, expert: str) -> str:
