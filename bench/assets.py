@@ -8,7 +8,7 @@
   every pipeline (softpo, TRL DPO, TRL CPO) produces the same ids.
 
 Data: `rows_needed` rows of `{"prompt", "chosen", "rejected"}`, lengths drawn uniformly from the
-ranges in `bench.cases` with a fixed seed; their token lengths are written next to them.
+ranges of the run's `bench.cases.Workload` with a fixed seed; their token lengths are written next to them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from bench.cases import PROMPT_TOKENS, RESPONSE_TOKENS, Case
+from bench.cases import DEFAULT_WORKLOAD, Case, Workload
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -92,9 +92,12 @@ def _single_token_words(tokenizer, limit: int = 4000) -> list[str]:
     return words
 
 
-def data_path(case: Case, rows_needed: int) -> Path:
-    """JSONL of at least `rows_needed` rows for `case` (its tokenizer decides the words)."""
+def data_path(case: Case, rows_needed: int, work: Workload = DEFAULT_WORKLOAD) -> Path:
+    """JSONL of at least `rows_needed` rows for `case` (its tokenizer decides the words) whose
+    lengths follow `work`."""
     key = "smollm2" if case.source == "default" else f"vocab{case.shape['vocab']}"
+    if work.max_length != DEFAULT_WORKLOAD.max_length:
+        key += f"-len{work.max_length}"
     path = cache_dir() / "data" / f"{key}-{rows_needed}.jsonl"
     if path.is_file():
         return path
@@ -112,9 +115,9 @@ def data_path(case: Case, rows_needed: int) -> Path:
 
     rows = []
     for _ in range(rows_needed):
-        prompt = lead + text(PROMPT_TOKENS)
-        rows.append({"prompt": prompt.lstrip(" "), "chosen": text(RESPONSE_TOKENS),
-                     "rejected": text(RESPONSE_TOKENS)})
+        prompt = lead + text(work.prompt_tokens)
+        rows.append({"prompt": prompt.lstrip(" "), "chosen": text(work.response_tokens),
+                     "rejected": text(work.response_tokens)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

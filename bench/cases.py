@@ -1,20 +1,45 @@
 """What the benchmark compares: model cases x training variants, all on the same synthetic data.
 
-Every run of a case sees the same rows in the same order (sequential, no shuffling, on both sides):
-`PAIRS` pairs per optimiser step, prompts of 64..128 tokens and responses of 64..127 tokens + EOS, so
-prompt + response <= `MAX_LENGTH` = 256 and nothing is ever truncated by either framework. Optimiser
-AdamW, lr 1e-6 constant, grad clipping 1.0, no gradient checkpointing, dropout off, on both sides.
+Every run of a case sees the same rows in the same order (sequential, no shuffling, on both sides).
+The `Workload` sets the step: by default `PAIRS` = 8 pairs per optimiser step, prompts of 64..128
+tokens and responses of 64..127 tokens + EOS, so prompt + response <= `MAX_LENGTH` = 256 and nothing
+is ever truncated by either framework (`--pairs` and `--max-length` scale both). Optimiser AdamW, lr
+1e-6 constant, grad clipping 1.0, no gradient checkpointing, dropout off, on both sides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PAIRS = 8
-MAX_LENGTH = 256
-MAX_PROMPT = 128
-PROMPT_TOKENS = (64, 128)  # inclusive range of prompt lengths
-RESPONSE_TOKENS = (64, 127)  # inclusive range, before the EOS token
+
+@dataclass(frozen=True)
+class Workload:
+    """Pairs per optimiser step and the longest prompt + response in tokens. Prompts take a quarter
+    to a half of `max_length`, responses a quarter to a half less one, then EOS: no truncation."""
+
+    pairs: int = 8
+    max_length: int = 256
+
+    def __post_init__(self):
+        if self.pairs < 2 or self.max_length < 16:
+            raise ValueError(f"a workload needs >= 2 pairs and max_length >= 16, got {self}")
+
+    @property
+    def max_prompt(self) -> int:
+        return self.max_length // 2
+
+    @property
+    def prompt_tokens(self) -> tuple[int, int]:  # inclusive range of prompt lengths
+        return self.max_length // 4, self.max_length // 2
+
+    @property
+    def response_tokens(self) -> tuple[int, int]:  # inclusive range, before the EOS token
+        return self.max_length // 4, self.max_length // 2 - 1
+
+
+DEFAULT_WORKLOAD = Workload()
+PAIRS = DEFAULT_WORKLOAD.pairs
+MAX_LENGTH = DEFAULT_WORKLOAD.max_length
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.cases import (CASES, DEFAULT_VARIANTS, MFU_TARGET, PAIRS, RATIOS, VARIANTS, steps_for)
+from bench.cases import (CASES, DEFAULT_VARIANTS, DEFAULT_WORKLOAD, MFU_TARGET, RATIOS, VARIANTS,
+                         Workload, steps_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,11 @@ def arguments(argv: list[str] | None):
                    help="bf16: bf16 autocast, fp32 master weights (both frameworks); fp32: none")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where both frameworks train; on cuda, memory is torch's peak allocation")
+    p.add_argument("--pairs", type=int, default=DEFAULT_WORKLOAD.pairs,
+                   help="preference pairs per optimiser step (the batch)")
+    p.add_argument("--max-length", type=int, default=DEFAULT_WORKLOAD.max_length,
+                   help="longest prompt + response in tokens: prompts of a quarter to a half of it, "
+                        "responses likewise, never truncated")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant (alternating)")
     p.add_argument("--steps", type=int, default=3, help="timed optimiser steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -46,6 +52,10 @@ def arguments(argv: list[str] | None):
     p.add_argument("--out", type=Path, help="results folder (default runs/bench/<time>)")
     p.add_argument("--summarize", type=Path, help="only rebuild the summary of a results folder")
     args = p.parse_args(argv)
+    try:
+        Workload(args.pairs, args.max_length)
+    except ValueError as e:
+        p.error(str(e))
     if args.quick:
         given = set(argv or sys.argv[1:])
         args.cases = args.cases if "--cases" in given else "tiny"
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
     extra = ["--threads", str(args.threads)] if args.threads else []
     extra += ["--device", args.device]
+    shape = ["--pairs", str(args.pairs), "--max-length", str(args.max_length)]
     env = {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()} if args.omp_wait_policy else {}
 
     def record(entry: dict) -> None:
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     record({"kind": "peak", **worker(["peak", *extra], out / "peak.json", args.timeout, env)})
     for case in cases:
         print(f"[bench] {case}: preparing", flush=True)
-        prep = worker(["prepare", "--case", case], out / "prepare.json", args.timeout)
+        prep = worker(["prepare", "--case", case, *shape], out / "prepare.json", args.timeout)
         if "error" in prep:
             raise SystemExit(f"preparing {case} failed:\n{prep['error']}")
         for r in range(args.repeats):
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 steps = steps_for(VARIANTS[name], args.steps)
                 start = time.perf_counter()
                 res = worker(["run", "--case", case, "--variant", name, "--precision", args.precision,
-                              "--warmup", str(args.warmup), "--steps", str(steps), *extra],
+                              "--warmup", str(args.warmup), "--steps", str(steps), *shape,
+                              *extra],
                              out / "run.json", args.timeout, env)
                 record({"kind": "run", "case": case, "variant": name, "round": r,
                         "precision": args.precision, **res})
@@ -151,7 +163,7 @@ def aggregate(runs: list[dict], peak_gflops: float, peak_cpu_gflops: float) -> d
     cpu = med(lambda r: statistics.fmean(r["cpu_seconds"]))
     threads = runs[0]["threads"]
     return {"step": step, "cpu": cpu, "mfu_cpu": flops / (cpu / threads) / 1e9 / peak_cpu_gflops,
-            "pairs_s": PAIRS / step, "tokens_s": tokens / step,
+            "pairs_s": runs[0].get("pairs", DEFAULT_WORKLOAD.pairs) / step, "tokens_s": tokens / step,
             "rss_gb": med(lambda r: r.get("peak_cuda_mb") or r["peak_rss_mb"]) / 1024,
             "gflops": flops / step / 1e9, "mfu": flops / step / 1e9 / peak_gflops,
             "sampling": med(lambda r: sum(r["sampling_seconds"]) / sum(r["step_seconds"])),
@@ -188,7 +200,11 @@ def write_summary(folder: Path) -> str:
     for case, precision in sorted({(c, p) for c, _, p in runs}, key=lambda k: list(CASES).index(k[0])):
         peak, peak_cpu = (peaks.get(k) or float("nan") for k in (precision, f"{precision}_cpu"))
         table = {v: aggregate(rs, peak, peak_cpu) for (c, v, p), rs in runs.items() if (c, p) == (case, precision)}
-        lines += [f"### {case} ({CASES[case].summary}), {precision}", "",
+        first = next(rs[0] for (c, _, p), rs in runs.items() if (c, p) == (case, precision))
+        work = Workload(first.get("pairs", DEFAULT_WORKLOAD.pairs),
+                        first.get("max_length", DEFAULT_WORKLOAD.max_length))
+        lines += [f"### {case} ({CASES[case].summary}), {precision}, {work.pairs} pairs a step, "
+                  f"prompt + response <= {work.max_length} tokens", "",
                   "| variant | s/step | CPU s/step | pairs/s | tokens/s | peak mem GB | GFLOP/s | "
                   "MFU | gap to peak | MFU (CPU time) | sampling share | load avg | runs x steps |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

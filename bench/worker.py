@@ -22,27 +22,27 @@ import time
 from pathlib import Path
 
 from bench import assets
-from bench.cases import CASES, MAX_LENGTH, MAX_PROMPT, PAIRS, VARIANTS, Case, Variant
+from bench.cases import CASES, DEFAULT_WORKLOAD, VARIANTS, Case, Variant, Workload
 from bench.flops import Shape, matmul_peak, pair_flops, regularizer_flops
 
 
-def rows_needed(steps: int) -> int:
-    return max(steps * PAIRS, 256)
+def rows_needed(steps: int, work: Workload = DEFAULT_WORKLOAD) -> int:
+    return max(steps * work.pairs, 256)
 
 
 # ---------------------------------------------------------------- softpo
 
 def softpo_overrides(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
-                     out: str) -> list[str]:
+                     out: str, work: Workload = DEFAULT_WORKLOAD) -> list[str]:
     o = {"model.name_or_path": model_dir, "model.dtype": "float32",
          "model.autocast_bf16": precision == "bf16", "model.packing": v.packing,
-         "data.train": data, "data.eval_fraction": 0, "data.max_length": MAX_LENGTH,
-         "data.max_prompt_length": MAX_PROMPT, "loss.name": v.method, "loss.beta": v.beta,
+         "data.train": data, "data.eval_fraction": 0, "data.max_length": work.max_length,
+         "data.max_prompt_length": work.max_prompt, "loss.name": v.method, "loss.beta": v.beta,
          "loss.alpha": 1.0, "loss.precompute_ref_logps": v.ref_cache, "lora.enabled": case.lora,
-         "regularizer.prompts_per_step": PAIRS // 2, "regularizer.samples_per_prompt": 2,
+         "regularizer.prompts_per_step": work.pairs // 2, "regularizer.samples_per_prompt": 2,
          "regularizer.max_new_tokens": 32, "regularizer.sample_every": v.sample_every,
          "regularizer.estimator": "token", "optim.lr": 1e-6, "optim.scheduler": "constant",
-         "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0, "train.batch_size": PAIRS,
+         "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0, "train.batch_size": work.pairs,
          "train.max_steps": 10 ** 6, "train.output_dir": out, "train.progress": False,
          "train.report_to": "[]", "train.seed": 0}
     return [f"{k}={v}" for k, v in o.items()]
@@ -57,18 +57,19 @@ def sync(device: str) -> None:
 
 
 def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
-               out: str, device: str = "cpu") -> dict:
+               out: str, device: str = "cpu", work: Workload = DEFAULT_WORKLOAD) -> dict:
     import softpo.logprobs
     from softpo.config import load_config
     from softpo.trainer import Trainer
 
-    t = Trainer(load_config(None, softpo_overrides(case, v, model_dir, data, precision, out)))
+    t = Trainer(load_config(None, softpo_overrides(case, v, model_dir, data, precision, out, work)))
+    n = work.pairs
     setup_end = time.perf_counter()
     if v.full_logits:  # the unchunked baseline: full [rows, T, vocab] logits, then log-softmax
         softpo.logprobs.has_plain_head = lambda model: False
     if v.logit_budget:
         softpo.logprobs.LOGIT_BUDGET = v.logit_budget
-    t.micro_batch_items = lambda step, micro: t.train_set[step * PAIRS:(step + 1) * PAIRS]
+    t.micro_batch_items = lambda step, micro: t.train_set[step * n:(step + 1) * n]
     sampling, samples = [0.0] * steps, [None] * steps
     refresh = t.refresh_samples
 
@@ -93,7 +94,7 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
     flops, last = [], None
     for step in range(steps):
         f = sum(pair_flops(shape, p, rs, factor, reference, v.packing == "shared_prompt")
-                for p, rs in examples[step * PAIRS:(step + 1) * PAIRS])
+                for p, rs in examples[step * n:(step + 1) * n])
         if t.reg is not None:
             last = samples[step] or last
             f += regularizer_flops(shape, *last, factor, samples[step] is not None)
@@ -105,7 +106,7 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
 # ---------------------------------------------------------------- TRL
 
 def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
-            out: str, device: str = "cpu") -> dict:
+            out: str, device: str = "cpu", work: Workload = DEFAULT_WORKLOAD) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -113,11 +114,12 @@ def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    common = dict(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps,
+    n = work.pairs
+    common = dict(output_dir=out, per_device_train_batch_size=n, max_steps=steps,
                   learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
                   bf16=precision == "bf16", use_cpu=device == "cpu", gradient_checkpointing=False,
                   logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
-                  max_grad_norm=1.0, seed=0, max_length=MAX_LENGTH, dataloader_num_workers=0)
+                  max_grad_norm=1.0, seed=0, max_length=work.max_length, dataloader_num_workers=0)
     peft_config = None
     if case.lora:
         from peft import LoraConfig
@@ -148,7 +150,7 @@ def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
             sync(device)
             ends.append((time.perf_counter(), time.process_time()))
 
-    rows = assets.read_rows(data)[:steps * PAIRS]
+    rows = assets.read_rows(data)[:steps * n]
     trainer = InOrder(model=model, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimes()])
     setup_end = time.perf_counter()
@@ -163,7 +165,7 @@ def run_trl(case: Case, v: Variant, model_dir: Path, data: Path, precision: str,
     shape, factor = Shape.of(trainer.model), 2.0 if case.lora else 3.0
     reference = v.method == "dpo" and not v.ref_cache
     flops = [sum(pair_flops(shape, p, rs, factor, reference, False)
-                 for p, rs in examples[s * PAIRS:(s + 1) * PAIRS]) for s in range(steps)]
+                 for p, rs in examples[s * n:(s + 1) * n]) for s in range(steps)]
     return dict(ends=ends, setup_end=setup_end, sampling=[0.0] * steps, flops=flops,
                 examples=examples, shape=shape.__dict__)
 
@@ -175,18 +177,21 @@ RUNNERS = {"softpo": run_softpo, "trl": run_trl}
 
 def run(args) -> dict:
     case, v = CASES[args.case], VARIANTS[args.variant]
+    work, n = Workload(args.pairs, args.max_length), args.pairs
     steps = args.warmup + args.steps
     model_dir = assets.model_path(case)
-    data = assets.data_path(case, rows_needed(steps))
+    data = assets.data_path(case, rows_needed(steps, work), work)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="softpo-bench-") as out:
-        r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out, args.device)
+        r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out, args.device,
+                                 work)
     ends, w = r.pop("ends"), args.warmup
     step_times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
     cpu_times = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
-    tokens = [sum(p * len(rs) + sum(rs) for p, rs in r["examples"][s * PAIRS:(s + 1) * PAIRS])
+    tokens = [sum(p * len(rs) + sum(rs) for p, rs in r["examples"][s * n:(s + 1) * n])
               for s in range(steps)]
     return dict(case=case.name, variant=v.name, framework=v.framework, precision=args.precision,
+                pairs=work.pairs, max_length=work.max_length,
                 threads=_threads(), warmup=w, step_seconds=step_times[w:], all_step_seconds=step_times,
                 cpu_seconds=cpu_times[w:], load_average=os.getloadavg()[0],
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=DEFAULT_WORKLOAD.pairs, help="pairs per step")
+    p.add_argument("--max-length", type=int, default=DEFAULT_WORKLOAD.max_length,
+                   help="longest prompt + response (tokens)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: hide any GPU; cuda: train and measure the matmul peak on the GPU")
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "prepare":
         case = CASES[args.case]
         result = {"model": str(assets.model_path(case)),
-                  "data": str(assets.data_path(case, max(args.rows, 256)))}
+                  "data": str(assets.data_path(case, max(args.rows, 256),
+                                               Workload(args.pairs, args.max_length)))}
     else:
         result = run(args)
     text = json.dumps(result)

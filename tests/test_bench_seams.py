@@ -42,3 +42,26 @@ def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny
         assert all(s > 0 for s in r["sampling"])
     if variant == "spo-full-logits":
         assert logprobs.has_plain_head(None) is False  # the unchunked path was really taken
+
+
+def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, tiny_case):
+    """`--pairs 4 --max-length 64`: every prompt and response within the workload's ranges (so
+    nothing is truncated), and the worker's steps take 4 pairs each."""
+    from bench import assets
+    from bench.cases import Workload
+
+    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
+    monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
+    case, model, _ = tiny_case
+    work = Workload(pairs=4, max_length=64)
+    data = assets.data_path(case, worker.rows_needed(STEPS, work), work)
+    rows = assets.read_rows(data)
+    prompts = [len(r["prompt"].split()) for r in rows]
+    responses = [len(r[k].split()) for r in rows for k in ("chosen", "rejected")]
+    assert (min(prompts), max(prompts)) == (16, 32) and (min(responses), max(responses)) == (16, 31)
+    r = worker.run_softpo(case, VARIANTS["spo"], model, data, "fp32", STEPS, str(tmp_path),
+                          work=work)
+    assert len(r["ends"]) == STEPS + 1
+    assert max(p + max(rs) for p, rs in r["examples"]) <= 64  # EOS included: never cut
+    with pytest.raises(ValueError, match="workload"):
+        Workload(pairs=1)
