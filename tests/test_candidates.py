@@ -335,12 +335,14 @@ def cli_rows(tmp_path, task="choices-words", n=3):
 
 
 def tiny_by_name():
-    """The model `softpo eval tiny` loads: softpo's tiny default model with seed 0."""
+    """The model `softpo eval tiny` loads: softpo's tiny default model with seed 0, on the device
+    the command uses."""
     from softpo.config import ModelConfig
+    from softpo.hardware import default_device
     from softpo.models import load_model, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path="tiny"))
-    return tok, load_model(ModelConfig(name_or_path="tiny"), tok, seed=0).eval()
+    return tok, load_model(ModelConfig(name_or_path="tiny"), tok, seed=0).eval().to(default_device())
 
 
 @pytest.mark.parametrize("options, kwargs", [

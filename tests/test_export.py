@@ -39,8 +39,8 @@ def lora_run(tmp_path_factory):
 
 @torch.no_grad()
 def logits(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    return model(**batch).logits  # (2, T, V)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True).to(model.device)
+    return model(**batch).logits.cpu()  # (2, T, V)
 
 
 def load_plain(folder: Path):

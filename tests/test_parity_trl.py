@@ -49,7 +49,7 @@ def softpo_trainer(tmp_path, loss: str, noise: float = 0.05, **extra) -> Trainer
     with torch.no_grad():  # move the policy off the reference so that log-ratios are not zero
         g = torch.Generator().manual_seed(1)
         for p in t.policy.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=g))
+            p.add_(noise * torch.randn(p.shape, generator=g).to(p.device))
     return t
 
 
@@ -60,11 +60,12 @@ def common_args(tmp_path) -> dict:
 
 
 def softpo_loss_and_grads(t: Trainer, examples: list[TokenizedExample]):
-    batch = collate(examples, t.tokenizer.pad_token_id)
+    # the policy's device: TRL's `use_cpu` trainer resets Accelerate's shared state to the CPU
+    batch = collate(examples, t.tokenizer.pad_token_id).to(next(t.policy.parameters()).device)
     loss = t.forward_loss(batch, False, StepStats(), scale=1.0 / len(examples))  # mean over pairs
     model = t.acc.unwrap_model(t.scorer).model
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}
 
 
 def trl_loss_and_grads(trainer, items: list[dict]):

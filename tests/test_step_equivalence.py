@@ -135,7 +135,7 @@ def _grads(t: Trainer, loss: torch.Tensor) -> list[torch.Tensor]:
 
 def step_gradients(t: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the trainer's step gradient, the plain one) on the trainer's first batch."""
-    batch = collate(t.train_set[:t.cfg.train.batch_size], t.tokenizer.pad_token_id)
+    batch = collate(t.train_set[:t.cfg.train.batch_size], t.tokenizer.pad_token_id).to(t.acc.device)
     with_samples = t.reg is not None
     got = _grads(t, t.forward_loss(batch, with_samples, StepStats(), 1 / batch.batch_size))
     want = _grads(t, plain_step_loss(t, batch))
@@ -160,7 +160,7 @@ WORLDS = {"llama-tied": lambda: _tiny("llama", True), "llama-untied": lambda: _t
 def test_step_gradient_equals_plain_autograd(tmp_path, world, packing):
     """SPO + global KL (token estimator): the layout's length groups are in play (asserted)."""
     t = _trainer(tmp_path, WORLDS[world](), packing=packing)
-    batch = collate(t.train_set[:4], t.tokenizer.pad_token_id)
+    batch = collate(t.train_set[:4], t.tokenizer.pad_token_id).to(t.acc.device)
     lengths = logprobs.row_lengths(batch.attention_mask).tolist()
     if packing == "none":
         assert len(logprobs.length_groups(lengths)) > 1, "the batch must split into length groups"

@@ -130,15 +130,17 @@ class Scorer:
         self.rows = (batch.input_ids, batch.attention_mask, batch.response_mask)  # (Y, T) each
 
     def logps(self, model) -> Tensor:
-        """log pi(y) for every y in Y, (Y,) float32, differentiable."""
-        return sequence_logps(model, *self.rows)
+        """log pi(y) for every y in Y, (Y,) float32, differentiable, on the model's device."""
+        device = next(model.parameters()).device
+        return sequence_logps(model, *(r.to(device) for r in self.rows))
 
     @torch.no_grad()
     def exact(self, model) -> Tensor:
-        """log pi(y), (Y,) float64, renormalised (the float32 sum is 1 to ~1e-6)."""
+        """log pi(y), (Y,) float64 on the CPU (where the world's tensors are), renormalised (the
+        float32 sum is 1 to ~1e-6)."""
         was_training = model.training
         model.eval()
-        logps = self.logps(model).to(DTYPE)
+        logps = self.logps(model).to("cpu", DTYPE)
         model.train(was_training)
         return logps - logps.logsumexp(0)
 
@@ -174,7 +176,8 @@ def fit_reference(model, scorer: Scorer, target_logps: Tensor, steps: int = 300,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     model.train()
     for _ in range(steps):
-        loss = -(p * scorer.logps(model)).sum()
+        logps = scorer.logps(model)
+        loss = -(p.to(logps.device) * logps).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
