@@ -4,6 +4,7 @@ case's rows in order, write step times, per-step model FLOPs and this process's 
     python -m bench.worker run --case gpt2-86m --variant spo --precision bf16 --steps 3 --out r.json
     python -m bench.worker peak --out p.json      # torch.matmul peak, fp32 and bf16
     python -m bench.worker prepare --case tiny    # build and cache the case's model and data
+    python -m bench.worker run --case tiny --variant spo --profile p.txt   # + where a step's time goes
 
 Step time is the interval between the ends of consecutive optimiser steps, so everything a framework
 does per step (collation, logging bookkeeping, the optimiser) is inside it; setup (model loading,
@@ -57,7 +58,8 @@ def sync(device: str) -> None:
 
 
 def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: str, steps: int,
-               out: str, device: str = "cpu", work: Workload = DEFAULT_WORKLOAD) -> dict:
+               out: str, device: str = "cpu", work: Workload = DEFAULT_WORKLOAD,
+               profile: Path | None = None) -> dict:
     import softpo.logprobs
     from softpo.config import load_config
     from softpo.trainer import Trainer
@@ -83,10 +85,13 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
 
     t.refresh_samples = timed_refresh
     ends = [(time.perf_counter(), time.process_time())]
-    for _ in range(steps):
-        t.train_step()
-        sync(device)
-        ends.append((time.perf_counter(), time.process_time()))
+    with profiler(device, profile) as prof:
+        for _ in range(steps):
+            t.train_step()
+            sync(device)
+            ends.append((time.perf_counter(), time.process_time()))
+    if profile:
+        profile.write_text(profile_table(prof, device))
     model = t.acc.unwrap_model(t.scorer).model
     shape, factor = Shape.of(model), 2.0 if case.lora else 3.0
     examples = [(len(e.prompt_ids), [len(r) for r in e.response_ids]) for e in t.train_set]
@@ -101,6 +106,25 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
         flops.append(f)
     return dict(ends=ends, setup_end=setup_end, sampling=sampling, flops=flops, examples=examples,
                 shape=shape.__dict__)
+
+
+def profiler(device: str, path: Path | None):
+    """torch.profiler over the steps when `path` is given (CPU, and CUDA kernels on a GPU), else
+    nothing. Profiling slows the steps: a profiled run's times are not a measurement."""
+    from contextlib import nullcontext
+
+    if path is None:
+        return nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    return profile(activities=activities)
+
+
+def profile_table(prof, device: str, rows: int = 40) -> str:
+    """The operators that took most time, by self time on the device (the CPU without a GPU)."""
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows) + "\n"
 
 
 # ---------------------------------------------------------------- TRL
@@ -183,8 +207,11 @@ def run(args) -> dict:
     data = assets.data_path(case, rows_needed(steps, work), work)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="softpo-bench-") as out:
+        extra = {"profile": args.profile} if args.profile else {}
+        if args.profile and v.framework != "softpo":
+            raise SystemExit("--profile profiles softpo's variants only")
         r = RUNNERS[v.framework](case, v, model_dir, data, args.precision, steps, out, args.device,
-                                 work)
+                                 work, **extra)
     ends, w = r.pop("ends"), args.warmup
     step_times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
     cpu_times = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
@@ -230,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: hide any GPU; cuda: train and measure the matmul peak on the GPU")
+    p.add_argument("--profile", type=Path,
+                   help="write torch.profiler's table of the timed steps here (softpo variants)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.device == "cpu":

@@ -65,3 +65,14 @@ def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, ti
     assert max(p + max(rs) for p, rs in r["examples"]) <= 64  # EOS included: never cut
     with pytest.raises(ValueError, match="workload"):
         Workload(pairs=1)
+
+
+def test_profile_writes_the_table_of_the_steps_operators(tmp_path, monkeypatch, tiny_case):
+    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
+    monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
+    case, model, data = tiny_case
+    out = tmp_path / "profile.txt"
+    worker.run_softpo(case, VARIANTS["spo"], model, data, "fp32", STEPS, str(tmp_path / "run"),
+                      profile=out)
+    text = out.read_text()
+    assert "Self CPU" in text and "aten::" in text
