@@ -175,29 +175,32 @@ def pack(input_ids: Tensor, response_mask: Tensor, response_valid: Tensor, pad_t
     order = sorted(range(len(owner)), key=lambda k: (owner[k], cols[k]))  # response by response
     pick = lambda xs: torch.tensor([xs[k] for k in order], dtype=torch.long,  # noqa: E731
                                    device=input_ids.device)
-    device = input_ids.device
-    return PackedRows(packed.to(device), attention_mask(unit_id, segment, style).to(device),
+    device = input_ids.device  # the (B, 1, T, T) mask is built there: no CPU work, no copy
+    unit_id, segment = unit_id.to(device), segment.to(device)
+    return PackedRows(packed.to(device), attention_mask(unit_id, segment, style),
                       position.to(device), pick(rows), pick(cols), pick(prev), pick(owner),
-                      response_valid.numel(), (unit_id >= 0).sum(1).to(device))
+                      response_valid.numel(), (unit_id >= 0).sum(1))
 
 
 def attention_mask(unit: Tensor, segment: Tensor, style: str) -> Tensor:
-    """(B, T) unit ids (-1 pad) and segment ids (0 prompt, j+1 response j) -> (B, 1, T, T) mask.
+    """(B, T) unit ids (-1 pad) and segment ids (0 prompt, j+1 response j) -> (B, 1, T, T) mask,
+    on their device.
 
     allowed[q, k] = k <= q, k and q in the same unit, and k is prompt or in q's response; a padding
     query sees itself only (no all-masked row, hence no NaN; its output is never used).
     """
-    T = segment.shape[1]
-    q = torch.arange(T)
+    T, device = segment.shape[1], segment.device
+    q = torch.arange(T, device=device)
     causal = q[None, :, None] >= q[None, None, :]  # (1, T, T)
     same_unit = (unit[:, None, :] == unit[:, :, None]) & (unit[:, None, :] >= 0)  # (B, T, T)
     key, query = segment[:, None, :], segment[:, :, None]  # (B, 1, T), (B, T, 1)
     allowed = causal & same_unit & ((key == 0) | (key == query))
-    allowed |= torch.eye(T, dtype=torch.bool)[None]
+    allowed |= torch.eye(T, dtype=torch.bool, device=device)[None]
     allowed = allowed[:, None]  # (B, 1, T, T)
     if style == "bool":
         return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed,
+                                                                 torch.finfo(torch.float32).min)
 
 
 def share_prompts(rows: Rows, style: str, hidden_size: int) -> PackedRows | None:
