@@ -528,6 +528,38 @@ def render_frontier(res: dict) -> str:
         f"{res['seconds'] / 60:.0f} min in all. {provenance(res)}", "", commands(res)])
 
 
+@block("frontier", "frontier-verdict")
+def render_frontier_verdict(res: dict) -> str:
+    """For every SPO point: the most even of the other models (reference included) whose mean
+    success is at least SPO's, by mean normalised entropy among the right answers."""
+    summary = res["results"]["summary"]
+
+    def point(m: dict) -> tuple[float, float, float]:
+        e, sd = m["mean"]["exact"], m["sd"]["exact"]
+        return e["success"], e["entropy"], sd["entropy"]
+
+    rows = []
+    for m in (m for m in summary if m["method"] == "spo"):
+        success, entropy, sd = point(m)
+        rivals = [o for o in summary if o["method"] != "spo" and point(o)[0] >= success]
+        best = max(rivals, key=lambda o: point(o)[1], default=None)
+        row = {"SPO": m["name"], "success": f"{success:.3f}", "entropy among right":
+               f"{entropy:.3f} ({sd:.3f})"}
+        if best is None:
+            row.update({"most even other at >= its success": "none", "more even?": "yes"})
+        else:
+            b_success, b_entropy, b_sd = point(best)
+            row.update({"most even other at >= its success":
+                        f"{best['name']}: {b_success:.3f}, {b_entropy:.3f} ({b_sd:.3f})",
+                        "more even?": "yes" if entropy > b_entropy else "no"})
+        rows.append(row)
+    columns = ("SPO", "success", "entropy among right", "most even other at >= its success",
+               "more even?")
+    return "\n".join([table(rows, columns), "",
+                      "Means (standard deviation) over the seeds of the table above; `more even?` "
+                      "compares means only."])
+
+
 # ------------------------------------------------------------------------ online against offline
 
 ONLINE_SEEDS = (0, 1, 2)
