@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 took = time.perf_counter() - start
                 what = res.get("error", "").strip().splitlines()[-1:] if "error" in res else \
                     f"{statistics.fmean(res['step_seconds']):.2f} s/step, " \
-                    f"{res['peak_rss_mb'] / 1024:.2f} GB"
+                    f"{(res.get('peak_cuda_mb') or res['peak_rss_mb']) / 1024:.2f} GB"
                 print(f"[bench] {case} {name} round {r}: {what} ({took:.0f}s)", flush=True)
     record({"kind": "peak", **worker(["peak", *extra], out / "peak.json", args.timeout, env)})
     print(write_summary(out))
