@@ -81,7 +81,7 @@ class Variant:
     sample_every: int = 1  # SPO regulariser refresh period
     ref_cache: bool = False  # softpo: loss.precompute_ref_logps; trl: precompute_ref_log_probs
     packing: str = "none"  # softpo: model.packing
-    full_logits: bool = False  # softpo: materialise [rows, T, vocab] (the unchunked baseline)
+    full_logits: bool = False  # softpo: `model.full_logits` ([rows, T, vocab] in one block)
     logit_budget: int = 0  # softpo: override logprobs.LOGIT_BUDGET (0: the library's)
     summary: str = ""
 
@@ -98,7 +98,8 @@ VARIANTS = {v.name: v for v in [
     Variant("spo-padding-free", "softpo", "spo", beta=0.0, packing="padding_free",
             summary="softpo SPO, no regulariser, [prompt, response] rows packed back to back"),
     Variant("spo-full-logits", "softpo", "spo", beta=0.0, full_logits=True,
-            summary="softpo SPO with the full [rows, T, vocab] logits (chunking off)"),
+            summary="softpo SPO with model.full_logits: the whole [rows, T, vocab] logits of "
+                    "one padded block (no chunks, no length groups)"),
     Variant("spo-chunk1024", "softpo", "spo", beta=0.0, logit_budget=1 << 62,
             summary="softpo SPO with 1024-position output-layer chunks whatever the vocabulary "
                     "(before the logit budget)"),

@@ -37,6 +37,7 @@ def softpo_overrides(case: Case, v: Variant, model_dir: Path, data: Path, precis
                      out: str, work: Workload = DEFAULT_WORKLOAD) -> list[str]:
     o = {"model.name_or_path": model_dir, "model.dtype": "float32",
          "model.autocast_bf16": precision == "bf16", "model.packing": v.packing,
+         "model.full_logits": v.full_logits,
          "data.train": data, "data.eval_fraction": 0, "data.max_length": work.max_length,
          "data.max_prompt_length": work.max_prompt, "loss.name": v.method, "loss.beta": v.beta,
          "loss.alpha": 1.0, "loss.precompute_ref_logps": v.ref_cache, "lora.enabled": case.lora,
@@ -67,8 +68,6 @@ def run_softpo(case: Case, v: Variant, model_dir: Path, data: Path, precision: s
     t = Trainer(load_config(None, softpo_overrides(case, v, model_dir, data, precision, out, work)))
     n = work.pairs
     setup_end = time.perf_counter()
-    if v.full_logits:  # the unchunked baseline: full [rows, T, vocab] logits, then log-softmax
-        softpo.logprobs.has_plain_head = lambda model: False
     if v.logit_budget:
         softpo.logprobs.LOGIT_BUDGET = v.logit_budget
     t.micro_batch_items = lambda step, micro: t.train_set[step * n:(step + 1) * n]

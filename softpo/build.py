@@ -187,9 +187,10 @@ def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
 
 def build_reference(cfg: Config, policy: nn.Module, tokenizer, device, chunk: int) -> Reference:
     """LoRA: the policy with its adapter disabled. Otherwise a frozen copy (or `ref_name_or_path`)."""
-    autocast = cfg.model.autocast_bf16
+    autocast, full = cfg.model.autocast_bf16, cfg.model.full_logits
     if cfg.lora.enabled and cfg.model.ref_name_or_path is None:
-        return Reference(policy, adapter_toggle=True, chunk_size=chunk, autocast=autocast)
+        return Reference(policy, adapter_toggle=True, chunk_size=chunk, autocast=autocast,
+                         full_logits=full)
     if cfg.model.ref_name_or_path is not None:
         from softpo.models import load_model
 
@@ -199,7 +200,8 @@ def build_reference(cfg: Config, policy: nn.Module, tokenizer, device, chunk: in
     else:
         ref = copy.deepcopy(policy)
     ref.eval().requires_grad_(False).to(device)
-    return Reference(ref, adapter_toggle=False, chunk_size=chunk, autocast=autocast)
+    return Reference(ref, adapter_toggle=False, chunk_size=chunk, autocast=autocast,
+                     full_logits=full)
 
 
 def packing_style(cfg: Config, policy: nn.Module) -> str | None:

@@ -377,11 +377,13 @@ def full_logits_label_logps(model: nn.Module, input_ids: Tensor, attention_mask:
 
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
-                chunk_size: int = DEFAULT_CHUNK, autocast: bool = False) -> Tensor:
-    """Per-token log-probs of the response tokens, zero elsewhere.  Returns (R, T) float32."""
+                chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
+                full_logits: bool = False) -> Tensor:
+    """Per-token log-probs of the response tokens, zero elsewhere.  Returns (R, T) float32.
+    `full_logits` (or a head that is not a plain Linear): from the whole logits of one block."""
     ctx = torch.autocast(input_ids.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with ctx:
-        if not has_plain_head(model):
+        if full_logits or not has_plain_head(model):
             return full_logits_label_logps(model, input_ids, attention_mask, response_mask)
         states = response_states(model, input_ids, attention_mask, response_mask)
         head = hf_model(model).get_output_embeddings()
@@ -390,9 +392,11 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, res
 
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
-                   chunk_size: int = DEFAULT_CHUNK, autocast: bool = False) -> Tensor:
+                   chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
+                   full_logits: bool = False) -> Tensor:
     """Summed response log-probs per row.  Returns (R,) float32."""
-    return token_logps(model, input_ids, attention_mask, response_mask, chunk_size, autocast).sum(-1)
+    return token_logps(model, input_ids, attention_mask, response_mask, chunk_size, autocast,
+                       full_logits).sum(-1)
 
 
 @dataclass
@@ -412,16 +416,18 @@ class PolicyScorer(nn.Module):
     reference's log-probs, or its states, for the exact per-position KL). Everything that needs
     gradient goes through `forward`, which is what Accelerate's DDP wrapper synchronises.
     `length_buckets`: the most length groups a call runs (1 under FSDP, where every process must
-    run as many decoder forwards; `softpo.distributed`).
+    run as many decoder forwards; `softpo.distributed`). `full_logits`: the rows from the whole
+    logits of one padded block (`model.full_logits`); the samples as before.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, autocast: bool = False,
-                 length_buckets: int | None = None):
+                 length_buckets: int | None = None, full_logits: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
         self.length_buckets = length_buckets
+        self.full_logits = full_logits
 
     def _ctx(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -440,7 +446,7 @@ class PolicyScorer(nn.Module):
             return call(self.model)
         device = rows.input_ids.device
         with self._ctx(device):
-            if not has_plain_head(self.model):
+            if self.full_logits or not has_plain_head(self.model):
                 logps = full_logits_label_logps(self.model, rows.input_ids, rows.attention_mask,
                                                 rows.response_mask)
             else:
@@ -470,11 +476,12 @@ class Reference:
     """The frozen reference: a separate model, or the policy with its LoRA adapter disabled."""
 
     def __init__(self, model: nn.Module, adapter_toggle: bool, chunk_size: int = DEFAULT_CHUNK,
-                 autocast: bool = False):
+                 autocast: bool = False, full_logits: bool = False):
         self.model = model  # for adapter_toggle: the PEFT policy itself
         self.adapter_toggle = adapter_toggle
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.full_logits = full_logits  # padded rows from the whole logits (`model.full_logits`)
 
     def disabled(self):
         """Context in which `self.model` computes the reference."""
@@ -491,7 +498,7 @@ class Reference:
                 return score_tokens(self.model, rows, self.chunk_size).sum(-1)
         with self.disabled():
             return sequence_logps(self.model, rows.input_ids, rows.attention_mask, rows.response_mask,
-                                  self.chunk_size, self.autocast)
+                                  self.chunk_size, self.autocast, self.full_logits)
 
     @torch.no_grad()
     def token_logps(self, rows: Rows) -> Tensor:  # (R, T)

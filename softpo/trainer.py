@@ -108,6 +108,7 @@ class Trainer:
         self.online = Online(cfg, self.data.online_prompts, self.tokenizer, self.acc.device,
                              has_offline=bool(self.train_set)) if cfg.online.enabled else None
         scorer = PolicyScorer(self.policy, DEFAULT_CHUNK, autocast=cfg.model.autocast_bf16,
+                              full_logits=cfg.model.full_logits,
                               **({"length_buckets": 1} if distributed.is_sharded(self.acc) else {}))
         optimizer = build_optimizer(cfg, scorer)
         self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)

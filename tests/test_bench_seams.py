@@ -1,7 +1,7 @@
 """The benchmark drives softpo's Trainer through a few seams (bench/worker.py: its own row order via
 `micro_batch_items`, timed `refresh_samples`, `reg.samples`, `train_set`, `spec`, `scorer`, and the
-module attribute `logprobs.has_plain_head`). Two steps of the tiny case, with the regulariser and
-with the unchunked output layer, check that they still hold: this measures nothing."""
+module attribute `logprobs.LOGIT_BUDGET`). Two steps of the tiny case, with the regulariser and
+with `model.full_logits`, check that they still hold: this measures nothing."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ STEPS = 2
 
 @pytest.mark.parametrize("variant", ["spo-reg", "spo-full-logits"])
 def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny_case, variant):
-    # the worker patches these for its (one) process; put them back afterwards
-    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
+    # the worker patches this for its (one) process; put it back afterwards
     monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
+    calls = []
+    full = logprobs.full_logits_label_logps
+    monkeypatch.setattr(logprobs, "full_logits_label_logps",
+                        lambda *a, **k: calls.append(1) or full(*a, **k))
     case, model, data = tiny_case
     r = worker.run_softpo(case, VARIANTS[variant], model, data, "fp32", STEPS, str(tmp_path))
     assert len(r["ends"]) == STEPS + 1 and len(r["flops"]) == STEPS
@@ -40,8 +43,7 @@ def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny
     assert len(r["examples"]) >= STEPS * PAIRS
     if variant == "spo-reg":  # the timed refresh ran at every step and saw the samples
         assert all(s > 0 for s in r["sampling"])
-    if variant == "spo-full-logits":
-        assert logprobs.has_plain_head(None) is False  # the unchunked path was really taken
+    assert len(calls) == (STEPS if variant == "spo-full-logits" else 0)  # the path really taken
 
 
 def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, tiny_case):
@@ -50,7 +52,6 @@ def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, ti
     from bench import assets
     from bench.cases import Workload
 
-    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
     monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
     case, model, _ = tiny_case
     work = Workload(pairs=4, max_length=64)
@@ -68,7 +69,6 @@ def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, ti
 
 
 def test_profile_writes_the_table_of_the_steps_operators(tmp_path, monkeypatch, tiny_case):
-    monkeypatch.setattr(logprobs, "has_plain_head", logprobs.has_plain_head)
     monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
     case, model, data = tiny_case
     out = tmp_path / "profile.txt"

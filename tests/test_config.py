@@ -263,3 +263,9 @@ def test_list_overrides_round_trip_through_yaml(items):
     text = yaml.safe_dump(items, default_flow_style=True, width=10**6).strip()
     cfg = parse([f"lora.target_modules={text}"])
     assert cfg is not None and cfg.lora.target_modules == items
+
+
+def test_full_logits_needs_padded_rows():
+    assert load_config(None, ["model.full_logits=true"]).model.full_logits is True
+    with pytest.raises(UserError, match=r"config key 'model.full_logits'.*model.packing=none"):
+        load_config(None, ["model.full_logits=true", "model.packing=shared_prompt"])

@@ -67,8 +67,9 @@ def _tiny(arch: str, tied: bool):
     return tokenizer, model, _examples(tokenizer)
 
 
-def _config(tmp_path, loss: str, estimator: str, packing: str) -> Config:
+def _config(tmp_path, loss: str, estimator: str, packing: str, full_logits: bool = False) -> Config:
     c = Config()
+    c.model.full_logits = full_logits
     c.loss.name, c.loss.alpha, c.loss.beta = loss, 0.7, 0.3
     c.regularizer.estimator, c.regularizer.prompts_per_step = estimator, 2
     c.regularizer.samples_per_prompt, c.regularizer.max_new_tokens = 3, 6
@@ -79,12 +80,13 @@ def _config(tmp_path, loss: str, estimator: str, packing: str) -> Config:
     return c
 
 
-def _trainer(tmp_path, world, loss="spo", estimator="token", packing="none") -> Trainer:
+def _trainer(tmp_path, world, loss="spo", estimator="token", packing="none",
+             full_logits: bool = False) -> Trainer:
     tokenizer, model, examples = world
     with torch.no_grad():  # away from the reference, so that the regulariser has a gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    t = Trainer(_config(tmp_path, loss, estimator, packing), tokenizer=tokenizer,
+    t = Trainer(_config(tmp_path, loss, estimator, packing, full_logits), tokenizer=tokenizer,
                 model=model, examples=examples)
     if t.spec.is_spo and t.cfg.loss.beta > 0:
         t.refresh_samples(0)
@@ -188,6 +190,20 @@ def test_other_losses_equal_plain_autograd(tmp_path, loss):
         world = (tokenizer, model, examples)
     t = _trainer(tmp_path, world, loss=loss, packing="shared_prompt")
     assert_equal_to_rounding(*step_gradients(t))
+
+
+@pytest.mark.parametrize("loss", ["spo", "dpo"])
+def test_full_logits_equal_plain_autograd(tmp_path, loss, monkeypatch):
+    """`model.full_logits`: the rows (the policy's, and the reference's for DPO) go through the
+    whole logits of one padded block, and the step's gradient is still the plain one."""
+    calls = []
+    full = logprobs.full_logits_label_logps
+    monkeypatch.setattr(logprobs, "full_logits_label_logps",
+                        lambda *a, **k: calls.append(1) or full(*a, **k))
+    t = _trainer(tmp_path, _tiny("llama", False), loss=loss, full_logits=True)
+    got, want = step_gradients(t)
+    assert len(calls) == (2 if loss == "dpo" else 1)  # the policy's rows (and the reference's)
+    assert_equal_to_rounding(got, want)
 
 
 def test_a_perturbed_backward_is_caught(tmp_path, monkeypatch):
