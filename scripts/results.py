@@ -6,6 +6,7 @@
     python scripts/results.py --render      # re-render the documents from docs/results/*.json
     python scripts/results.py --check       # exit 1 where a document differs from its rendering
     python scripts/results.py --compare lab-seeds   # rerun a target, compare with the committed one
+    python scripts/results.py --stale       # which targets' code changed since they were measured
 
 A target runs its commands (the exact command lines are kept with the results), stores what they
 measured in `docs/results/<target>.json` together with the commit, the date, the machine and the
@@ -17,7 +18,10 @@ precision, and the tables of README.md and docs/*.md are rendered from those fil
 
 so that a published number is always one of a stored run's. `--compare` reruns a target into a
 scratch folder and checks the fresh numbers against the committed ones within the target's stated
-tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it.
+tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it. `--stale` says,
+for every stored target, whether the code its commands run (`softpo/`, `configs/`, the pinned
+requirements and the target's own scripts and data) differs between the commit it was measured at
+and the working tree: a target that is not stale measured what the current code computes.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class Target:
     blocks: dict[str, Callable[[dict], str]] = field(default_factory=dict)
     compare: Callable[[dict, dict], list[str]] | None = None  # (committed, fresh) -> problems
     needs_gpu: bool = False
+    sources: tuple[str, ...] = ()  # what its commands run besides CODE (scripts, bench/, data)
 
 
 TARGETS: dict[str, Target] = {}
@@ -116,6 +121,10 @@ def target(name: str, about: str, minutes: int, **kw):
         TARGETS[name] = Target(name, about, minutes, measure, **kw)
         return measure
     return wrap
+
+
+# What every target's commands run: a change here can change any published number.
+CODE = ("softpo", "configs", "pyproject.toml", "requirements.txt")
 
 
 def block(target_name: str, name: str):
@@ -298,7 +307,8 @@ _lab_block("drift", ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_r
                      "drift_mass", "unseen_kl", "kl_to_ref", "entropy"))
 
 
-@target("lab-rounding", "python scripts/lab_rounding.py: the seeds report with length groups off", 30)
+@target("lab-rounding", "python scripts/lab_rounding.py: the seeds report with length groups off", 30,
+        sources=("scripts/lab_rounding.py",))
 def measure_rounding(out: Path) -> dict:
     argv = [sys.executable, "scripts/lab_rounding.py"]
     return {"commands": [shown(argv)], "runs": run_json(argv)["runs"]}
@@ -329,7 +339,8 @@ def render_tolerance(res: dict) -> str:
 
 # ------------------------------------------------------------------------ training the tiny model
 
-@target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3)
+@target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3,
+        sources=("examples/data/prefs_tiny.jsonl",))
 def measure_train_tiny(out: Path) -> dict:
     run_dir = out / "train_tiny"
     argv = softpo("train", "configs/tiny.yaml", f"train.output_dir={run_dir}", "train.progress=false")
@@ -575,7 +586,8 @@ def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
         return list(pool.map(lambda argv: run_json(argv, env), argvs))
 
 
-@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40)
+@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40,
+        sources=("scripts/online_study.py",))
 def measure_online(out: Path) -> dict:
     argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
               str(out / "online_runs")] for s in ONLINE_SEEDS]
@@ -639,11 +651,13 @@ def render_online(res: dict) -> str:
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
                (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4",
                  "spo-a1-beta0.2-lr3e-4", "spo-a1-bt0.1-lr3e-4", "spo-a1-n8-lr3e-4",
-                 "spo-a1-ranked-lr3e-4"), (0,)))
+                 "spo-a1-ranked-lr3e-4", "spo-a1-mu-lr3e-4", "spo-a1-online-lr3e-4",
+                 "dpo-online-lr3e-4"), (0, 1, 2)))
 
 
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
-                   "learning rates (seeds 0, 1, 2) and further knobs (seed 0)", 240)
+                   "learning rates and further knobs, seeds 0, 1, 2", 520,
+        sources=("scripts/expert_study.py", "examples/experts", "examples/data"))
 def measure_experts(out: Path) -> dict:
     # a folder that survives an interrupted run (finished points are kept and skipped)
     work = ROOT / "runs" / "results-experts" if out == ROOT / "docs" else out / "expert_runs"
@@ -791,7 +805,8 @@ def _tables(peaks: dict, runs: dict) -> dict:
     return {"peaks": peaks, "tables": tables}
 
 
-@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80)
+@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80,
+        sources=("bench",))
 def measure_bench_cpu(out: Path) -> dict:
     cmds, found = [], {}
     for name, args in BENCH.items():
@@ -867,7 +882,8 @@ BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--
              "--warmup", "1", "--variants", "trl-dpo,spo,spo-reg,spo-reg-every4"]
 
 
-@target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12)
+@target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12,
+        sources=("bench",))
 def measure_bench_reg(out: Path) -> dict:
     folder = out / "bench" / "cpu-reg"
     shutil.rmtree(folder, ignore_errors=True)
@@ -887,7 +903,8 @@ block("bench-reg", "bench-reg")(lambda res: render_bench(res))
 DATA_PREP = ["--rows", "200000", "--forms", "plain,chat", "--repeats", "1"]
 
 
-@target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30)
+@target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30,
+        sources=("bench",))
 def measure_data_prep(out: Path) -> dict:
     folder = out / "bench" / "data-prep"
     argv = [sys.executable, "-m", "bench.data_prep", *DATA_PREP, "--out", str(folder)]
@@ -945,11 +962,41 @@ def measure(name: str, out: Path | None = None) -> dict:
     t = TARGETS[name]
     scratch = out or ROOT / "docs"
     start = datetime.datetime.now(datetime.timezone.utc)
+    sha = commit()  # the code the commands start with (a commit made meanwhile is not theirs)
     res = t.measure(scratch)
-    res.update(target=name, commit=commit(), date=start.strftime("%Y-%m-%d"), machine=machine(),
+    res.update(target=name, commit=sha, date=start.strftime("%Y-%m-%d"), machine=machine(),
                minutes=round((datetime.datetime.now(datetime.timezone.utc) - start)
                              .total_seconds() / 60, 1))
     return res
+
+
+def measured_at(res: dict) -> list[str]:
+    """The commits a stored target was measured at (several where its parts were measured apart)."""
+    found = [c.strip() for c in str(res["commit"]).split(",")]
+    found += [p["commit"] for p in res.get("points", []) if "commit" in p]
+    return sorted(set(found))
+
+
+def stale(name: str) -> list[str]:
+    """Why the stored numbers of a target may not be what the current code computes: for each
+    commit they were measured at, the files of its code that differ in the working tree."""
+    res = load(name)
+    if res is None:
+        return []  # publishes nothing
+    paths = [*CODE, *TARGETS[name].sources]
+    why = []
+    for sha in measured_at(res):
+        base = sha.removesuffix("+changes")
+        if base != sha:
+            why.append(f"{sha}: measured with uncommitted changes")
+        diff = subprocess.run(["git", "diff", "--name-only", base, "--", *paths], cwd=ROOT,
+                              capture_output=True, text=True)
+        if diff.returncode != 0:
+            why.append(f"{sha}: not a commit of this repository")
+        elif changed := diff.stdout.split():
+            why.append(f"{sha}: {len(changed)} files changed since ("
+                       + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")")
+    return why
 
 
 def save(res: dict) -> Path:
@@ -1008,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     p.add_argument("--compare", action="store_true",
                    help="rerun the targets in a scratch folder and compare with docs/results")
+    p.add_argument("--stale", action="store_true",
+                   help="list the stored targets whose code changed since they were measured "
+                        "(exit 1 if any)")
     p.add_argument("--import-bench", action="store_true",
                    help="store the committed raw benchmark runs (docs/bench) as bench-cpu")
     a = p.parse_args(argv)
@@ -1019,11 +1069,18 @@ def main(argv: list[str] | None = None) -> int:
         for t in TARGETS.values():
             print(f"{t.name:<18} ~{t.minutes:>3} min  {t.about}")
         return 0
+    if a.stale:
+        found = {n: stale(n) for n in (a.targets or TARGETS)}
+        for n, why in found.items():
+            print(f"{n:<18} " + ("not measured" if load(n) is None else "current" if not why
+                                  else "\n".join(
+                ["stale"] + [f"{'':<18}   {w}" for w in why])))
+        return 1 if any(found.values()) else 0
     if a.check or a.render:
-        stale = render(check=a.check)
-        for path in stale:
+        differ = render(check=a.check)
+        for path in differ:
             print(f"results: {path.relative_to(ROOT)} differs from its rendering", file=sys.stderr)
-        return 1 if (a.check and stale) else 0
+        return 1 if (a.check and differ) else 0
     import torch
 
     names = a.targets or [n for n, t in TARGETS.items() if not t.needs_gpu or torch.cuda.is_available()]

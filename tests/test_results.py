@@ -51,6 +51,29 @@ def test_stored_runs_say_how_they_were_made(path):
     assert res["commit"] and res["date"] and res["machine"]["cpu"]
 
 
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_stale_names_the_code_changed_since_a_measurement(monkeypatch):
+    first = _git("rev-list", "--max-parents=0", "HEAD").split()[0][:7]  # the code then: nothing
+    head = _git("rev-parse", "--short", "HEAD")
+    changed_now = _git("status", "--porcelain", "--", *results.CODE, "scripts/lab_rounding.py")
+    stored = {"lab-rounding": {"commit": first}, "lab-seeds": {"commit": head},
+              "train-tiny": {"commit": "0000000"},
+              "lab-table": {"commit": head, "points": [{"commit": head}, {"commit": first}]}}
+    monkeypatch.setattr(results, "load", stored.get)
+    assert any("files changed since" in w for w in results.stale("lab-rounding"))
+    assert (results.stale("lab-seeds") == []) == (not changed_now)
+    assert results.stale("train-tiny") == ["0000000: not a commit of this repository"]
+    assert [w.split(":")[0] for w in results.stale("lab-table")] == \
+        sorted([first] + ([head] if changed_now else []))
+    assert results.stale("lab-drift") == []  # never measured: publishes nothing
+
+
 def test_rendering_puts_the_numbers_between_the_markers(tmp_path, monkeypatch):
     stored = {"runs": [{"alpha": 0.5, "seed": s, "kl_to_target": 0.001 * (s + 1)}
                        for s in range(5)]}
