@@ -2,6 +2,7 @@
 
     make results                            # every target that this machine can run (hours)
     python scripts/results.py lab-seeds     # one target
+    python scripts/results.py --jobs 2      # the one-thread targets (the labs) two at a time
     python scripts/results.py --list        # the targets, what they run, roughly how long
     python scripts/results.py --render      # re-render the documents from docs/results/*.json
     python scripts/results.py --check       # exit 1 where a document differs from its rendering
@@ -111,6 +112,8 @@ class Target:
     compare: Callable[[dict, dict], list[str]] | None = None  # (committed, fresh) -> problems
     needs_gpu: bool = False
     sources: tuple[str, ...] = ()  # what its commands run besides CODE (scripts, bench/, data)
+    one_thread: bool = False  # its commands use one core: `--jobs` may run it beside another
+    timing: bool = False  # it measures time: it runs with nothing else on the machine
 
 
 TARGETS: dict[str, Target] = {}
@@ -200,7 +203,7 @@ def commands(res: dict) -> str:
 TABULAR_SEEDS = (0, 1, 2, 3, 4)
 
 
-@target("lab-tabular", "softpo lab tabular --table, seeds 0-4", 15)
+@target("lab-tabular", "softpo lab tabular --table, seeds 0-4", 15, one_thread=True)
 def measure_tabular(out: Path) -> dict:
     runs, cmds = [], []
     for seed in TABULAR_SEEDS:
@@ -239,7 +242,8 @@ def _lab_target(report: str, minutes: int, about: str):
         argv = softpo("lab", "sequence", "--report", report, "--out", str(out / "lab"), "--json")
         return {"commands": [shown(argv).replace(str(out / "lab"), "docs/lab")],
                 "runs": run_json(argv)["runs"], "files": "lab"}
-    TARGETS[f"lab-{report}"] = Target(f"lab-{report}", about, minutes, measure, compare=compare_lab)
+    TARGETS[f"lab-{report}"] = Target(f"lab-{report}", about, minutes, measure, compare=compare_lab,
+                                      one_thread=True)
 
 
 _lab_target("table", 25, "softpo lab sequence --report table (12 runs)")
@@ -308,7 +312,7 @@ _lab_block("drift", ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_r
 
 
 @target("lab-rounding", "python scripts/lab_rounding.py: the seeds report with length groups off", 30,
-        sources=("scripts/lab_rounding.py",))
+        sources=("scripts/lab_rounding.py",), one_thread=True)
 def measure_rounding(out: Path) -> dict:
     argv = [sys.executable, "scripts/lab_rounding.py"]
     return {"commands": [shown(argv)], "runs": run_json(argv)["runs"]}
@@ -806,7 +810,7 @@ def _tables(peaks: dict, runs: dict) -> dict:
 
 
 @target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80,
-        sources=("bench",))
+        sources=("bench",), timing=True)
 def measure_bench_cpu(out: Path) -> dict:
     cmds, found = [], {}
     for name, args in BENCH.items():
@@ -883,7 +887,7 @@ BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--
 
 
 @target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12,
-        sources=("bench",))
+        sources=("bench",), timing=True)
 def measure_bench_reg(out: Path) -> dict:
     folder = out / "bench" / "cpu-reg"
     shutil.rmtree(folder, ignore_errors=True)
@@ -904,7 +908,7 @@ DATA_PREP = ["--rows", "200000", "--forms", "plain,chat", "--repeats", "1"]
 
 
 @target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30,
-        sources=("bench",))
+        sources=("bench",), timing=True)
 def measure_data_prep(out: Path) -> dict:
     folder = out / "bench" / "data-prep"
     argv = [sys.executable, "-m", "bench.data_prep", *DATA_PREP, "--out", str(folder)]
@@ -1055,6 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     p.add_argument("--compare", action="store_true",
                    help="rerun the targets in a scratch folder and compare with docs/results")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many one-thread targets (the labs) at a time")
     p.add_argument("--stale", action="store_true",
                    help="list the stored targets whose code changed since they were measured "
                         "(exit 1 if any)")
@@ -1087,6 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise SystemExit(f"results: unknown target(s) {', '.join(unknown)} (see --list)")
+    if not a.compare:
+        run_targets(names, a.jobs)
+        return 0
     failed = 0
     for name in names:
         if a.compare:
@@ -1098,12 +1107,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {name}: " + ("matches" if not problems else
                                           f"{len(problems)} differences\n  " + "\n  ".join(problems)))
             failed += bool(problems)
-            continue
+    return 1 if failed else 0
+
+
+def run_targets(names: list[str], jobs: int = 1) -> None:
+    """Measure, store and render each target. With `jobs` > 1 the one-thread targets run that many
+    at a time (each is deterministic on its one thread, so only their durations change), then the
+    others one by one; a timing target always runs with nothing else."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
         print(f"results: {name} ({TARGETS[name].about}, ~{TARGETS[name].minutes} min)",
               file=sys.stderr, flush=True)
-        print(f"results: wrote {save(measure(name)).relative_to(ROOT)}", file=sys.stderr)
-        render()
-    return 1 if failed else 0
+        if TARGETS[name].timing and os.getloadavg()[0] > 0.5:
+            print(f"results: warning: load average {os.getloadavg()[0]:.1f} before {name}, which "
+                  "measures time: its numbers will be slow by whatever else runs",
+                  file=sys.stderr, flush=True)
+        res = measure(name)
+        with lock:
+            print(f"results: wrote {os.path.relpath(save(res), ROOT)}", file=sys.stderr)
+            render()
+
+    side = [n for n in names if jobs > 1 and TARGETS[n].one_thread]
+    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+        list(pool.map(one, side))
+    for name in names:
+        if name not in side:
+            one(name)
 
 
 if __name__ == "__main__":
