@@ -983,7 +983,8 @@ def measured_at(res: dict) -> list[str]:
 
 def stale(name: str) -> list[str]:
     """Why the stored numbers of a target may not be what the current code computes: for each
-    commit they were measured at, the files of its code that differ in the working tree."""
+    commit they were measured at, the files of its code that the working tree changed or removed
+    since."""
     res = load(name)
     if res is None:
         return []  # publishes nothing
@@ -993,8 +994,9 @@ def stale(name: str) -> list[str]:
         base = sha.removesuffix("+changes")
         if base != sha:
             why.append(f"{sha}: measured with uncommitted changes")
-        diff = subprocess.run(["git", "diff", "--name-only", base, "--", *paths], cwd=ROOT,
-                              capture_output=True, text=True)
+        # files added since cannot have changed what ran then (a file that imports them can)
+        diff = subprocess.run(["git", "diff", "--name-only", "--diff-filter=a", base, "--", *paths],
+                              cwd=ROOT, capture_output=True, text=True)
         if diff.returncode != 0:
             why.append(f"{sha}: not a commit of this repository")
         elif changed := diff.stdout.split():
