@@ -738,8 +738,8 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
     precision = ("LoRA trained under bf16 autocast, evaluated in float32. "
                  if res["machine"].get("fast_bf16") else "")
     # points are stored without a date: the date is the last store's
-    return (f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone "
-            f"where a number has no spread: 55 held-out questions x 4 sampled answers (32 new "
+    return (f"Mean (standard deviation) over the row's seeds (of {', '.join(map(str, seeds))}; "
+            f"one seed: its value alone): 55 held-out questions x 4 sampled answers (32 new "
             f"tokens) per model; KL to the reference and entropy in nats per answer, from the "
             f"samples' log-probs; reference NLL / token = (entropy + KL) / answer tokens, how "
             f"unlikely the reference finds the answers. {precision}{TOLERANCES['online']} "
@@ -748,10 +748,11 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
 
 def render_experts(res: dict, expert: str) -> str:
     points = [p for p in res["points"] if p["expert"] == expert]
-    rows = [{"model": name, **_expert_cells([p for p in points if p["point"] == name],
-                                            EXPERT_LABELS)}
-            for name in dict.fromkeys(p["point"] for p in points)]
-    return "\n".join([table(rows, ("model", *EXPERT_LABELS.values())), "",
+    rows = []
+    for name in dict.fromkeys(p["point"] for p in points):
+        mine = [p for p in points if p["point"] == name]
+        rows.append({"model": name, "seeds": len(mine), **_expert_cells(mine, EXPERT_LABELS)})
+    return "\n".join([table(rows, ("model", "seeds", *EXPERT_LABELS.values())), "",
                       _expert_caption(res, points), "", commands(res)])
 
 
