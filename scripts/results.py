@@ -93,9 +93,7 @@ def run_json(argv: list[str], env: dict | None = None) -> dict:
 def shown(argv: list[str]) -> str:
     if argv[1:3] == ["-m", "softpo.cli"]:
         return " ".join(["softpo", *argv[3:]])
-    if argv[1:2] == ["-m"]:
-        return " ".join(["python", *argv[1:]])
-    return " ".join(argv)
+    return " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv)
 
 
 # ------------------------------------------------------------------------------------ targets
