@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 
 # every number README.md and docs/ publish (hours on 2 CPU cores; see scripts/results.py --list)
 results: $(STAMP)
-	$(PY) scripts/results.py
+	$(PY) scripts/results.py --jobs 2
 
 lab: $(STAMP)
 	$(VENV)/bin/softpo lab tabular

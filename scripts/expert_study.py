@@ -49,6 +49,7 @@ class Point:
     bt_temperature: float = 1.0
     pairs_per_prompt: int = 1
     keep_ties: bool = False
+    online_every: int = 0  # > 0: no offline data; the policy answers 40 new questions this often
     steps: int = 30
     lr: float = 1e-3
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -78,6 +79,9 @@ def points() -> dict[str, Point]:
                       pairs_per_prompt=0, lr=lr),
                 Point(f"spo-a1-n8-lr{tag}", n=8, lr=lr),
                 Point(f"spo-a1-ranked-lr{tag}", loss="spo_ranked", fmt="ranked", lr=lr)]
+    out += [Point("spo-a1-mu-lr3e-4", gamma=1.0, lr=3e-4),
+            Point("spo-a1-online-lr3e-4", online_every=5, lr=3e-4),
+            Point("dpo-online-lr3e-4", loss="dpo", beta=0.1, online_every=5, lr=3e-4)]
     return {p.name: p for p in out}
 
 
@@ -122,6 +126,33 @@ def evaluate(model, tokenizer, reference, expert: str, seed: int) -> dict:
     return out
 
 
+def train_overrides(point: Point, expert: str, seed: int, base_path: str, prefs: Path | str,
+                    run_dir: Path, bf16: bool) -> list[str]:
+    """The point's training run as overrides of configs/smollm2_lora.yaml."""
+    return [f"model.name_or_path={base_path}", f"data.train={prefs}", f"loss.name={point.loss}",
+            f"loss.alpha={point.alpha}", f"loss.beta={point.beta}", f"loss.gamma={point.gamma}",
+            f"train.max_steps={point.steps}", f"optim.lr={point.lr}",
+            f"train.output_dir={run_dir}", f"train.seed={seed}", "train.save_steps=0",
+            "train.eval_steps=0", "train.progress=false", "train.report_to=[jsonl]",
+            f"model.autocast_bf16={str(bf16).lower()}", *online_overrides(point, expert),
+            *point.overrides]
+
+
+def online_overrides(point: Point, expert: str) -> list[str]:
+    """Online points: every `online_every` steps the current policy answers the next 40 training
+    questions `n` times and the expert labels them as the offline points' data are labelled; the
+    next steps train on those rows alone. 30 steps of 8 rows read 240 rows, the offline points'
+    128 pairs about twice; the online run labels 240 questions' answers."""
+    if not point.online_every:
+        return []
+    return ["online.enabled=true", f"online.expert={EXPERTS[expert]}", f"online.prompts={TRAIN}",
+            "online.chat=true", f"online.responses={point.n}", "online.max_new_tokens=32",
+            f"online.every={point.online_every}", "online.prompts_per_refresh=40",
+            f"online.format={point.fmt}", f"online.pairing={point.pairing}",
+            f"online.bt_temperature={point.bt_temperature}",
+            f"online.pairs_per_prompt={point.pairs_per_prompt}", "online.buffer=1"]
+
+
 def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -> dict:
     import torch
 
@@ -139,17 +170,11 @@ def run_point(point: Point, expert: str, seed: int, base_path: str, out: Path) -
         result = evaluate(base, tokenizer, None, expert, seed)
         result["kl"] = 0.0
         return result | {"seconds": round(time.perf_counter() - t0, 1)}
-    prefs = build_data(point, expert, seed, base, tokenizer, out)
+    prefs = "" if point.online_every else build_data(point, expert, seed, base, tokenizer, out)
     del base
     run_dir = out / "runs" / f"{expert}_s{seed}_{point.name}"
-    cfg = load_config(ROOT / "configs" / "smollm2_lora.yaml", [
-        f"model.name_or_path={base_path}", f"data.train={prefs}", f"loss.name={point.loss}",
-        f"loss.alpha={point.alpha}", f"loss.beta={point.beta}", f"loss.gamma={point.gamma}",
-        f"train.max_steps={point.steps}", f"optim.lr={point.lr}", f"train.output_dir={run_dir}",
-        f"train.seed={seed}",
-        "train.save_steps=0", "train.eval_steps=0", "train.progress=false",
-        "train.report_to=[jsonl]", f"model.autocast_bf16={str(precision_bf16()).lower()}",
-        *point.overrides])
+    cfg = load_config(ROOT / "configs" / "smollm2_lora.yaml", train_overrides(
+        point, expert, seed, base_path, prefs, run_dir, precision_bf16()))
     trainer = Trainer(cfg)
     train_metrics = trainer.train()
     from softpo.tracking import read_metrics

@@ -2,10 +2,12 @@
 
     make results                            # every target that this machine can run (hours)
     python scripts/results.py lab-seeds     # one target
+    python scripts/results.py --jobs 2      # the one-thread targets (the labs) two at a time
     python scripts/results.py --list        # the targets, what they run, roughly how long
     python scripts/results.py --render      # re-render the documents from docs/results/*.json
     python scripts/results.py --check       # exit 1 where a document differs from its rendering
     python scripts/results.py --compare lab-seeds   # rerun a target, compare with the committed one
+    python scripts/results.py --stale       # which targets' code changed since they were measured
 
 A target runs its commands (the exact command lines are kept with the results), stores what they
 measured in `docs/results/<target>.json` together with the commit, the date, the machine and the
@@ -17,7 +19,10 @@ precision, and the tables of README.md and docs/*.md are rendered from those fil
 
 so that a published number is always one of a stored run's. `--compare` reruns a target into a
 scratch folder and checks the fresh numbers against the committed ones within the target's stated
-tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it.
+tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it. `--stale` says,
+for every stored target, whether the code its commands run (`softpo/`, `configs/`, the pinned
+requirements and the target's own scripts and data) differs between the commit it was measured at
+and the working tree: a target that is not stale measured what the current code computes.
 """
 
 from __future__ import annotations
@@ -88,9 +93,7 @@ def run_json(argv: list[str], env: dict | None = None) -> dict:
 def shown(argv: list[str]) -> str:
     if argv[1:3] == ["-m", "softpo.cli"]:
         return " ".join(["softpo", *argv[3:]])
-    if argv[1:2] == ["-m"]:
-        return " ".join(["python", *argv[1:]])
-    return " ".join(argv)
+    return " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv)
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -106,6 +109,9 @@ class Target:
     blocks: dict[str, Callable[[dict], str]] = field(default_factory=dict)
     compare: Callable[[dict, dict], list[str]] | None = None  # (committed, fresh) -> problems
     needs_gpu: bool = False
+    sources: tuple[str, ...] = ()  # what its commands run besides CODE (scripts, bench/, data)
+    one_thread: bool = False  # its commands use one core: `--jobs` may run it beside another
+    timing: bool = False  # it measures time: it runs with nothing else on the machine
 
 
 TARGETS: dict[str, Target] = {}
@@ -116,6 +122,10 @@ def target(name: str, about: str, minutes: int, **kw):
         TARGETS[name] = Target(name, about, minutes, measure, **kw)
         return measure
     return wrap
+
+
+# What every target's commands run: a change here can change any published number.
+CODE = ("softpo", "configs", "pyproject.toml", "requirements.txt")
 
 
 def block(target_name: str, name: str):
@@ -191,7 +201,7 @@ def commands(res: dict) -> str:
 TABULAR_SEEDS = (0, 1, 2, 3, 4)
 
 
-@target("lab-tabular", "softpo lab tabular --table, seeds 0-4", 15)
+@target("lab-tabular", "softpo lab tabular --table, seeds 0-4", 15, one_thread=True)
 def measure_tabular(out: Path) -> dict:
     runs, cmds = [], []
     for seed in TABULAR_SEEDS:
@@ -230,7 +240,8 @@ def _lab_target(report: str, minutes: int, about: str):
         argv = softpo("lab", "sequence", "--report", report, "--out", str(out / "lab"), "--json")
         return {"commands": [shown(argv).replace(str(out / "lab"), "docs/lab")],
                 "runs": run_json(argv)["runs"], "files": "lab"}
-    TARGETS[f"lab-{report}"] = Target(f"lab-{report}", about, minutes, measure, compare=compare_lab)
+    TARGETS[f"lab-{report}"] = Target(f"lab-{report}", about, minutes, measure, compare=compare_lab,
+                                      one_thread=True)
 
 
 _lab_target("table", 25, "softpo lab sequence --report table (12 runs)")
@@ -298,7 +309,8 @@ _lab_block("drift", ("loss", "beta", "pairs", "unseen_responses", "unseen_mass_r
                      "drift_mass", "unseen_kl", "kl_to_ref", "entropy"))
 
 
-@target("lab-rounding", "python scripts/lab_rounding.py: the seeds report with length groups off", 30)
+@target("lab-rounding", "python scripts/lab_rounding.py: the seeds report with length groups off", 30,
+        sources=("scripts/lab_rounding.py",), one_thread=True)
 def measure_rounding(out: Path) -> dict:
     argv = [sys.executable, "scripts/lab_rounding.py"]
     return {"commands": [shown(argv)], "runs": run_json(argv)["runs"]}
@@ -329,7 +341,8 @@ def render_tolerance(res: dict) -> str:
 
 # ------------------------------------------------------------------------ training the tiny model
 
-@target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3)
+@target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3,
+        sources=("examples/data/prefs_tiny.jsonl",))
 def measure_train_tiny(out: Path) -> dict:
     run_dir = out / "train_tiny"
     argv = softpo("train", "configs/tiny.yaml", f"train.output_dir={run_dir}", "train.progress=false")
@@ -575,7 +588,8 @@ def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
         return list(pool.map(lambda argv: run_json(argv, env), argvs))
 
 
-@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40)
+@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40,
+        sources=("scripts/online_study.py",))
 def measure_online(out: Path) -> dict:
     argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
               str(out / "online_runs")] for s in ONLINE_SEEDS]
@@ -639,11 +653,13 @@ def render_online(res: dict) -> str:
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
                (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4",
                  "spo-a1-beta0.2-lr3e-4", "spo-a1-bt0.1-lr3e-4", "spo-a1-n8-lr3e-4",
-                 "spo-a1-ranked-lr3e-4"), (0,)))
+                 "spo-a1-ranked-lr3e-4", "spo-a1-mu-lr3e-4", "spo-a1-online-lr3e-4",
+                 "dpo-online-lr3e-4"), (0, 1, 2)))
 
 
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
-                   "learning rates (seeds 0, 1, 2) and further knobs (seed 0)", 240)
+                   "learning rates and further knobs, seeds 0, 1, 2", 520,
+        sources=("scripts/expert_study.py", "examples/experts", "examples/data"))
 def measure_experts(out: Path) -> dict:
     # a folder that survives an interrupted run (finished points are kept and skipped)
     work = ROOT / "runs" / "results-experts" if out == ROOT / "docs" else out / "expert_runs"
@@ -720,8 +736,8 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
     precision = ("LoRA trained under bf16 autocast, evaluated in float32. "
                  if res["machine"].get("fast_bf16") else "")
     # points are stored without a date: the date is the last store's
-    return (f"Mean (standard deviation) over seeds {', '.join(map(str, seeds))}, or seed 0 alone "
-            f"where a number has no spread: 55 held-out questions x 4 sampled answers (32 new "
+    return (f"Mean (standard deviation) over the row's seeds (of {', '.join(map(str, seeds))}; "
+            f"one seed: its value alone): 55 held-out questions x 4 sampled answers (32 new "
             f"tokens) per model; KL to the reference and entropy in nats per answer, from the "
             f"samples' log-probs; reference NLL / token = (entropy + KL) / answer tokens, how "
             f"unlikely the reference finds the answers. {precision}{TOLERANCES['online']} "
@@ -730,10 +746,11 @@ def _expert_caption(res: dict, points: list[dict]) -> str:
 
 def render_experts(res: dict, expert: str) -> str:
     points = [p for p in res["points"] if p["expert"] == expert]
-    rows = [{"model": name, **_expert_cells([p for p in points if p["point"] == name],
-                                            EXPERT_LABELS)}
-            for name in dict.fromkeys(p["point"] for p in points)]
-    return "\n".join([table(rows, ("model", *EXPERT_LABELS.values())), "",
+    rows = []
+    for name in dict.fromkeys(p["point"] for p in points):
+        mine = [p for p in points if p["point"] == name]
+        rows.append({"model": name, "seeds": len(mine), **_expert_cells(mine, EXPERT_LABELS)})
+    return "\n".join([table(rows, ("model", "seeds", *EXPERT_LABELS.values())), "",
                       _expert_caption(res, points), "", commands(res)])
 
 
@@ -791,7 +808,8 @@ def _tables(peaks: dict, runs: dict) -> dict:
     return {"peaks": peaks, "tables": tables}
 
 
-@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80)
+@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80,
+        sources=("bench",), timing=True)
 def measure_bench_cpu(out: Path) -> dict:
     cmds, found = [], {}
     for name, args in BENCH.items():
@@ -867,7 +885,8 @@ BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--
              "--warmup", "1", "--variants", "trl-dpo,spo,spo-reg,spo-reg-every4"]
 
 
-@target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12)
+@target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12,
+        sources=("bench",), timing=True)
 def measure_bench_reg(out: Path) -> dict:
     folder = out / "bench" / "cpu-reg"
     shutil.rmtree(folder, ignore_errors=True)
@@ -887,7 +906,8 @@ block("bench-reg", "bench-reg")(lambda res: render_bench(res))
 DATA_PREP = ["--rows", "200000", "--forms", "plain,chat", "--repeats", "1"]
 
 
-@target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30)
+@target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30,
+        sources=("bench",), timing=True)
 def measure_data_prep(out: Path) -> dict:
     folder = out / "bench" / "data-prep"
     argv = [sys.executable, "-m", "bench.data_prep", *DATA_PREP, "--out", str(folder)]
@@ -945,11 +965,43 @@ def measure(name: str, out: Path | None = None) -> dict:
     t = TARGETS[name]
     scratch = out or ROOT / "docs"
     start = datetime.datetime.now(datetime.timezone.utc)
+    sha = commit()  # the code the commands start with (a commit made meanwhile is not theirs)
     res = t.measure(scratch)
-    res.update(target=name, commit=commit(), date=start.strftime("%Y-%m-%d"), machine=machine(),
+    res.update(target=name, commit=sha, date=start.strftime("%Y-%m-%d"), machine=machine(),
                minutes=round((datetime.datetime.now(datetime.timezone.utc) - start)
                              .total_seconds() / 60, 1))
     return res
+
+
+def measured_at(res: dict) -> list[str]:
+    """The commits a stored target was measured at (several where its parts were measured apart)."""
+    found = [c.strip() for c in str(res["commit"]).split(",")]
+    found += [p["commit"] for p in res.get("points", []) if "commit" in p]
+    return sorted(set(found))
+
+
+def stale(name: str) -> list[str]:
+    """Why the stored numbers of a target may not be what the current code computes: for each
+    commit they were measured at, the files of its code that the working tree changed or removed
+    since."""
+    res = load(name)
+    if res is None:
+        return []  # publishes nothing
+    paths = [*CODE, *TARGETS[name].sources]
+    why = []
+    for sha in measured_at(res):
+        base = sha.removesuffix("+changes")
+        if base != sha:
+            why.append(f"{sha}: measured with uncommitted changes")
+        # files added since cannot have changed what ran then (a file that imports them can)
+        diff = subprocess.run(["git", "diff", "--name-only", "--diff-filter=a", base, "--", *paths],
+                              cwd=ROOT, capture_output=True, text=True)
+        if diff.returncode != 0:
+            why.append(f"{sha}: not a commit of this repository")
+        elif changed := diff.stdout.split():
+            why.append(f"{sha}: {len(changed)} files changed since ("
+                       + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")")
+    return why
 
 
 def save(res: dict) -> Path:
@@ -1008,6 +1060,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     p.add_argument("--compare", action="store_true",
                    help="rerun the targets in a scratch folder and compare with docs/results")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many one-thread targets (the labs) at a time")
+    p.add_argument("--stale", action="store_true",
+                   help="list the stored targets whose code changed since they were measured "
+                        "(exit 1 if any)")
     p.add_argument("--import-bench", action="store_true",
                    help="store the committed raw benchmark runs (docs/bench) as bench-cpu")
     a = p.parse_args(argv)
@@ -1019,17 +1076,27 @@ def main(argv: list[str] | None = None) -> int:
         for t in TARGETS.values():
             print(f"{t.name:<18} ~{t.minutes:>3} min  {t.about}")
         return 0
+    if a.stale:
+        found = {n: stale(n) for n in (a.targets or TARGETS)}
+        for n, why in found.items():
+            print(f"{n:<18} " + ("not measured" if load(n) is None else "current" if not why
+                                  else "\n".join(
+                ["stale"] + [f"{'':<18}   {w}" for w in why])))
+        return 1 if any(found.values()) else 0
     if a.check or a.render:
-        stale = render(check=a.check)
-        for path in stale:
+        differ = render(check=a.check)
+        for path in differ:
             print(f"results: {path.relative_to(ROOT)} differs from its rendering", file=sys.stderr)
-        return 1 if (a.check and stale) else 0
+        return 1 if (a.check and differ) else 0
     import torch
 
     names = a.targets or [n for n, t in TARGETS.items() if not t.needs_gpu or torch.cuda.is_available()]
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise SystemExit(f"results: unknown target(s) {', '.join(unknown)} (see --list)")
+    if not a.compare:
+        run_targets(names, a.jobs)
+        return 0
     failed = 0
     for name in names:
         if a.compare:
@@ -1041,12 +1108,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {name}: " + ("matches" if not problems else
                                           f"{len(problems)} differences\n  " + "\n  ".join(problems)))
             failed += bool(problems)
-            continue
+    return 1 if failed else 0
+
+
+def run_targets(names: list[str], jobs: int = 1) -> None:
+    """Measure, store and render each target. With `jobs` > 1 the one-thread targets run that many
+    at a time (each is deterministic on its one thread, so only their durations change), then the
+    others one by one; a timing target always runs with nothing else."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
         print(f"results: {name} ({TARGETS[name].about}, ~{TARGETS[name].minutes} min)",
               file=sys.stderr, flush=True)
-        print(f"results: wrote {save(measure(name)).relative_to(ROOT)}", file=sys.stderr)
-        render()
-    return 1 if failed else 0
+        if TARGETS[name].timing and os.getloadavg()[0] > 0.5:
+            print(f"results: warning: load average {os.getloadavg()[0]:.1f} before {name}, which "
+                  "measures time: its numbers will be slow by whatever else runs",
+                  file=sys.stderr, flush=True)
+        res = measure(name)
+        with lock:
+            print(f"results: wrote {os.path.relpath(save(res), ROOT)}", file=sys.stderr)
+            render()
+
+    side = [n for n in names if jobs > 1 and TARGETS[n].one_thread]
+    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+        list(pool.map(one, side))
+    for name in names:
+        if name not in side:
+            one(name)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,60 @@ def test_stored_runs_say_how_they_were_made(path):
     assert res["commit"] and res["date"] and res["machine"]["cpu"]
 
 
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_stale_names_the_code_changed_since_a_measurement(monkeypatch):
+    first = _git("rev-list", "--max-parents=0", "HEAD").split()[0][:7]  # the code then: nothing
+    head = _git("rev-parse", "--short", "HEAD")
+    changed_now = _git("status", "--porcelain", "--", *results.CODE, "scripts/lab_rounding.py")
+    stored = {"lab-rounding": {"commit": first}, "lab-seeds": {"commit": head},
+              "train-tiny": {"commit": "0000000"},
+              "lab-table": {"commit": head, "points": [{"commit": head}, {"commit": first}]}}
+    monkeypatch.setattr(results, "load", stored.get)
+    assert any("files changed since" in w for w in results.stale("lab-rounding"))
+    assert (results.stale("lab-seeds") == []) == (not changed_now)
+    assert results.stale("train-tiny") == ["0000000: not a commit of this repository"]
+    assert [w.split(":")[0] for w in results.stale("lab-table")] == \
+        sorted([first] + ([head] if changed_now else []))
+    assert results.stale("lab-drift") == []  # never measured: publishes nothing
+
+
+def test_jobs_run_one_thread_targets_side_by_side_and_the_rest_alone(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    running, seen = set(), []
+    guard = threading.Lock()
+
+    def fake(name):
+        def measure(out):
+            with guard:
+                running.add(name)
+                seen.append((name, frozenset(running)))
+            time.sleep(0.2)
+            with guard:
+                running.discard(name)
+            return {"commands": [name], "runs": []}
+        return measure
+
+    targets = {n: results.Target(n, n, 1, fake(n), one_thread=n.startswith("lab"))
+               for n in ("lab-a", "lab-b", "bench-c")}
+    monkeypatch.setattr(results, "TARGETS", targets)
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    monkeypatch.setattr(results, "render", lambda: [])
+    monkeypatch.setattr(results, "machine", lambda: {"cpu": "test"})
+    results.run_targets(["bench-c", "lab-a", "lab-b"], jobs=2)
+    together = dict(seen)
+    assert together["bench-c"] == {"bench-c"}  # alone, after the one-thread targets
+    assert {"lab-a", "lab-b"} in (together["lab-a"], together["lab-b"])
+    assert sorted(p.stem for p in tmp_path.glob("*.json")) == ["bench-c", "lab-a", "lab-b"]
+
+
 def test_rendering_puts_the_numbers_between_the_markers(tmp_path, monkeypatch):
     stored = {"runs": [{"alpha": 0.5, "seed": s, "kl_to_target": 0.001 * (s + 1)}
                        for s in range(5)]}
