@@ -1099,15 +1099,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     for name in names:
-        if a.compare:
-            old = load(name)
-            with tempfile.TemporaryDirectory(prefix="softpo-results-") as tmp:
-                new = measure(name, Path(tmp))
-            problems = TARGETS[name].compare(old, new) if old and TARGETS[name].compare else \
-                ["nothing committed to compare with"]
-            print(f"results: {name}: " + ("matches" if not problems else
-                                          f"{len(problems)} differences\n  " + "\n  ".join(problems)))
-            failed += bool(problems)
+        old = load(name)
+        with tempfile.TemporaryDirectory(prefix="softpo-results-") as tmp:
+            new = measure(name, Path(tmp))
+        problems = TARGETS[name].compare(old, new) if old and TARGETS[name].compare else \
+            ["nothing committed to compare with"]
+        print(f"results: {name}: " + ("matches" if not problems else
+                                      f"{len(problems)} differences\n  " + "\n  ".join(problems)))
+        failed += bool(problems)
     return 1 if failed else 0
 
 

@@ -27,3 +27,16 @@ def _token_cache(tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("tokens")
     monkeypatch.setattr(tokcache, "default_dir", lambda: folder)
     yield folder
+
+
+@pytest.fixture
+def full_logits_calls(monkeypatch) -> list:
+    """Counts the calls of `logprobs.full_logits_label_logps` (the whole-logits path), which
+    still computes as before: a test asserts the path it means to exercise was taken."""
+    from softpo import logprobs
+
+    calls: list = []
+    full = logprobs.full_logits_label_logps
+    monkeypatch.setattr(logprobs, "full_logits_label_logps",
+                        lambda *a, **k: calls.append(1) or full(*a, **k))
+    return calls

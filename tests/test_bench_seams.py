@@ -29,13 +29,10 @@ STEPS = 2
 
 
 @pytest.mark.parametrize("variant", ["spo-reg", "spo-full-logits"])
-def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny_case, variant):
+def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny_case, variant,
+                                                    full_logits_calls):
     # the worker patches this for its (one) process; put it back afterwards
     monkeypatch.setattr(logprobs, "LOGIT_BUDGET", logprobs.LOGIT_BUDGET)
-    calls = []
-    full = logprobs.full_logits_label_logps
-    monkeypatch.setattr(logprobs, "full_logits_label_logps",
-                        lambda *a, **k: calls.append(1) or full(*a, **k))
     case, model, data = tiny_case
     r = worker.run_softpo(case, VARIANTS[variant], model, data, "fp32", STEPS, str(tmp_path))
     assert len(r["ends"]) == STEPS + 1 and len(r["flops"]) == STEPS
@@ -43,7 +40,8 @@ def test_the_benchmark_runs_softpo_through_its_seams(tmp_path, monkeypatch, tiny
     assert len(r["examples"]) >= STEPS * PAIRS
     if variant == "spo-reg":  # the timed refresh ran at every step and saw the samples
         assert all(s > 0 for s in r["sampling"])
-    assert len(calls) == (STEPS if variant == "spo-full-logits" else 0)  # the path really taken
+    # the path really taken
+    assert len(full_logits_calls) == (STEPS if variant == "spo-full-logits" else 0)
 
 
 def test_a_workload_sets_the_rows_lengths_and_the_step(tmp_path, monkeypatch, tiny_case):

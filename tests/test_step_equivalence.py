@@ -193,16 +193,13 @@ def test_other_losses_equal_plain_autograd(tmp_path, loss):
 
 
 @pytest.mark.parametrize("loss", ["spo", "dpo"])
-def test_full_logits_equal_plain_autograd(tmp_path, loss, monkeypatch):
+def test_full_logits_equal_plain_autograd(tmp_path, loss, full_logits_calls):
     """`model.full_logits`: the rows (the policy's, and the reference's for DPO) go through the
     whole logits of one padded block, and the step's gradient is still the plain one."""
-    calls = []
-    full = logprobs.full_logits_label_logps
-    monkeypatch.setattr(logprobs, "full_logits_label_logps",
-                        lambda *a, **k: calls.append(1) or full(*a, **k))
     t = _trainer(tmp_path, _tiny("llama", False), loss=loss, full_logits=True)
     got, want = step_gradients(t)
-    assert len(calls) == (2 if loss == "dpo" else 1)  # the policy's rows (and the reference's)
+    # the policy's rows (and the reference's)
+    assert len(full_logits_calls) == (2 if loss == "dpo" else 1)
     assert_equal_to_rounding(got, want)
 
 
