@@ -8,6 +8,7 @@
     python scripts/results.py --check       # exit 1 where a document differs from its rendering
     python scripts/results.py --compare lab-seeds   # rerun a target, compare with the committed one
     python scripts/results.py --stale       # which targets' code changed since they were measured
+    python scripts/results.py --collect     # store the expert points a stopped run finished
 
 A target runs its commands (the exact command lines are kept with the results), stores what they
 measured in `docs/results/<target>.json` together with the commit, the date, the machine and the
@@ -23,6 +24,10 @@ tolerance (`TOLERANCES`, also printed in the documents); the slow tests call it.
 for every stored target, whether the code its commands run (`softpo/`, `configs/`, the pinned
 requirements and the target's own scripts and data) differs between the commit it was measured at
 and the working tree: a target that is not stale measured what the current code computes.
+
+The expert study (`experts`, hours) keeps every point with the commit it was measured at. Rerun, it
+keeps the stored points whose code is unchanged and measures only the stale and missing ones;
+stopped, it continues where it stopped, and `--collect` stores what it has finished so far.
 """
 
 from __future__ import annotations
@@ -648,8 +653,9 @@ def render_online(res: dict) -> str:
 # ------------------------------------------------------------------------ a user's expert
 
 # (points, seeds): SPO alpha 1 and DPO at learning rate 1e-3 and at 3e-4 (the config's) on three seeds,
-# then one seed of each further knob at 3e-4: alpha 0.3, the global KL weight beta 0.2, 0.5 and 2,
-# Bradley-Terry labels at temperature 0.1 (every pair), 8 answers per question, ranked lists
+# then each further knob at 3e-4 on three seeds: alpha 0.3, the global KL weight beta 0.5, 2 and
+# 0.2, Bradley-Terry labels at temperature 0.1 (every pair), 8 answers per question, ranked lists,
+# the weighting mu, and online refreshes (SPO and DPO)
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
                (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4",
                  "spo-a1-beta0.2-lr3e-4", "spo-a1-bt0.1-lr3e-4", "spo-a1-n8-lr3e-4",
@@ -657,22 +663,73 @@ EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (
                  "dpo-online-lr3e-4"), (0, 1, 2)))
 
 
+EXPERTS_WORK = ROOT / "runs" / "results-experts"  # survives a stopped run: finished points stay
+
+
+def _expert_args() -> list[list[str]]:
+    return [["--expert", expert, "--points", ",".join(names), "--seeds", *map(str, seeds)]
+            for names, seeds in EXPERT_RUNS for expert in ("concise", "plain")]
+
+
+def _expert_commands() -> list[str]:
+    return ["OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args)
+            for args in _expert_args()]
+
+
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
                    "learning rates and further knobs, seeds 0, 1, 2", 520,
         sources=("scripts/expert_study.py", "examples/experts", "examples/data"))
 def measure_experts(out: Path) -> dict:
-    # a folder that survives an interrupted run (finished points are kept and skipped)
-    work = ROOT / "runs" / "results-experts" if out == ROOT / "docs" else out / "expert_runs"
-    argvs, cmds = [], []
-    for names, seeds in EXPERT_RUNS:  # two at a time, in this order: the three-seed points first
-        for expert in ("concise", "plain"):
-            args = ["--expert", expert, "--points", ",".join(names), "--seeds", *map(str, seeds)]
-            argvs.append([sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
-                          str(work / expert)])
-            cmds.append("OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args))
+    work = EXPERTS_WORK if out == ROOT / "docs" else out / "expert_runs"
+    if out == ROOT / "docs":  # regenerating the published numbers: measure what is stale or missing
+        kept = keep_current_points(load("experts"), work, [*CODE, *TARGETS["experts"].sources])
+        print(f"experts: {kept} stored points are current and kept", file=sys.stderr)
+    # two at a time, in EXPERT_RUNS's order: the three-seed points first
+    argvs = [[sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
+              str(work / args[1])] for args in _expert_args()]
     points = [p for res in run_json_parallel(argvs) for p in res["points"]]
     shutil.rmtree(work, ignore_errors=True)
-    return {"commands": cmds, "points": points}
+    return {"commands": _expert_commands(), "points": points}
+
+
+def collect_experts() -> dict:
+    """The stored expert points with those a stopped `results.py experts` finished (in
+    EXPERTS_WORK) in their place: each point keeps the commit it was measured at, so `--stale`
+    still names the ones older code measured."""
+    stored = load("experts") or {"points": []}
+    points = {(p["expert"], p["seed"], p["point"]): p for p in stored["points"]}
+    for log in sorted(EXPERTS_WORK.glob("*/points.jsonl")):
+        points.update({(r["expert"], r["seed"], r["point"]): r
+                       for r in map(json.loads, log.read_text().splitlines())})
+    order = [n for names, _ in EXPERT_RUNS for n in names]
+    rows = sorted(points.values(), key=lambda p: (order.index(p["point"]) if p["point"] in order
+                                                  else len(order), p["expert"], p["seed"]))
+    commits = [p["commit"] for p in rows]
+    return {**stored, "target": "experts", "commands": _expert_commands(), "points": rows,
+            "commit": max(sorted(set(commits)), key=commits.count),
+            "date": datetime.date.today().isoformat(), "machine": machine()}
+
+
+def keep_current_points(stored: dict | None, work: Path, paths) -> int:
+    """Write into `work/<expert>/points.jsonl` the stored points whose code (`paths`) has not
+    changed since the commit each was measured at; expert_study.py skips the points its folder
+    holds, so a rerun measures only the stale and missing ones. Returns how many were kept."""
+    fresh = {}  # commit -> its code unchanged since
+    kept = 0
+    for p in (stored or {}).get("points", []):
+        if p["commit"] not in fresh:
+            fresh[p["commit"]] = changed_since(p["commit"], paths) is None
+        if not fresh[p["commit"]]:
+            continue
+        log = work / p["expert"] / "points.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        have = {(r["seed"], r["point"]) for r in map(json.loads, log.read_text().splitlines())} \
+            if log.is_file() else set()
+        if (p["seed"], p["point"]) not in have:
+            with log.open("a") as f:
+                f.write(json.dumps(p) + "\n")
+        kept += 1
+    return kept
 
 
 EXPERT_KEYS = ("reward", "kl", "entropy", "distinct_2", "words", "start_pref_saturated")
@@ -980,6 +1037,23 @@ def measured_at(res: dict) -> list[str]:
     return sorted(set(found))
 
 
+def changed_since(sha: str, paths) -> str | None:
+    """Why numbers measured at commit `sha` may not be what the working tree computes: the files
+    among `paths` it changed or removed since (None when there are none)."""
+    base = sha.removesuffix("+changes")
+    if base != sha:
+        return f"{sha}: measured with uncommitted changes"
+    # files added since cannot have changed what ran then (a file that imports them can)
+    diff = subprocess.run(["git", "diff", "--name-only", "--diff-filter=a", base, "--", *paths],
+                          cwd=ROOT, capture_output=True, text=True)
+    if diff.returncode != 0:
+        return f"{sha}: not a commit of this repository"
+    if changed := diff.stdout.split():
+        return (f"{sha}: {len(changed)} files changed since ("
+                + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")")
+    return None
+
+
 def stale(name: str) -> list[str]:
     """Why the stored numbers of a target may not be what the current code computes: for each
     commit they were measured at, the files of its code that the working tree changed or removed
@@ -988,20 +1062,7 @@ def stale(name: str) -> list[str]:
     if res is None:
         return []  # publishes nothing
     paths = [*CODE, *TARGETS[name].sources]
-    why = []
-    for sha in measured_at(res):
-        base = sha.removesuffix("+changes")
-        if base != sha:
-            why.append(f"{sha}: measured with uncommitted changes")
-        # files added since cannot have changed what ran then (a file that imports them can)
-        diff = subprocess.run(["git", "diff", "--name-only", "--diff-filter=a", base, "--", *paths],
-                              cwd=ROOT, capture_output=True, text=True)
-        if diff.returncode != 0:
-            why.append(f"{sha}: not a commit of this repository")
-        elif changed := diff.stdout.split():
-            why.append(f"{sha}: {len(changed)} files changed since ("
-                       + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")")
-    return why
+    return [why for sha in measured_at(res) if (why := changed_since(sha, paths))]
 
 
 def save(res: dict) -> Path:
@@ -1065,11 +1126,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stale", action="store_true",
                    help="list the stored targets whose code changed since they were measured "
                         "(exit 1 if any)")
+    p.add_argument("--collect", action="store_true",
+                   help="store the expert points a stopped run finished (runs/results-experts) "
+                        "in place of the stored ones, without running anything")
     p.add_argument("--import-bench", action="store_true",
                    help="store the committed raw benchmark runs (docs/bench) as bench-cpu")
     a = p.parse_args(argv)
     if a.import_bench:
         print(f"results: wrote {save(import_bench()).relative_to(ROOT)}", file=sys.stderr)
+        render()
+        return 0
+    if a.collect:
+        print(f"results: wrote {save(collect_experts()).relative_to(ROOT)}", file=sys.stderr)
         render()
         return 0
     if a.list:

@@ -132,3 +132,43 @@ def test_a_small_pinned_subset_matches_a_fresh_run():
                                   "lab-growth-large", "lab-drift", "train-tiny", "demo"])
 def test_a_fresh_run_matches_the_stored_numbers(name):
     assert results.main(["--compare", name]) == 0
+
+
+def test_a_rerun_of_the_experts_keeps_only_the_points_whose_code_is_unchanged(tmp_path):
+    first = _git("rev-list", "--max-parents=0", "HEAD").split()[0][:7]  # the code then: nothing
+    head = _git("rev-parse", "--short", "HEAD")
+    paths = ["softpo", "scripts/expert_study.py"]
+    unchanged = not _git("status", "--porcelain", "--", *paths)
+    point = {"expert": "plain", "seed": 0, "point": "spo-a1", "commit": head, "reward": 0.5}
+    stored = {"points": [point, {**point, "seed": 1, "commit": first},
+                         {**point, "expert": "concise", "commit": head + "+changes"}]}
+    log = tmp_path / "plain" / "points.jsonl"
+    assert results.keep_current_points(stored, tmp_path, paths) == int(unchanged)
+    assert results.keep_current_points(stored, tmp_path, paths) == int(unchanged)  # not twice
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    assert rows == ([point] if unchanged else [])
+    assert not (tmp_path / "concise").exists()
+
+
+def test_collect_puts_the_points_a_stopped_run_finished_in_place_of_the_stored_ones(
+        tmp_path, monkeypatch):
+    def point(seed, name, commit, reward):
+        return {"expert": "plain", "seed": seed, "point": name, "commit": commit, "reward": reward}
+
+    stored = {"target": "experts", "commit": "aaa", "minutes": 9.0,
+              "points": [point(0, "spo-a1", "aaa", 0.1), point(1, "spo-a1", "aaa", 0.2),
+                         point(0, "reference", "aaa", 0.0)]}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "points.jsonl").write_text(
+        "".join(json.dumps(p) + "\n" for p in (point(1, "spo-a1", "bbb", 0.3),
+                                                point(2, "spo-a1", "bbb", 0.4),
+                                                point(0, "dpo", "bbb", 0.5))))
+    monkeypatch.setattr(results, "EXPERTS_WORK", tmp_path)
+    monkeypatch.setattr(results, "load", lambda name: stored)
+    monkeypatch.setattr(results, "machine", lambda: {"cpu": "test"})
+    res = results.collect_experts()
+    assert [(p["point"], p["seed"], p["reward"]) for p in res["points"]] == [
+        ("reference", 0, 0.0), ("spo-a1", 0, 0.1), ("spo-a1", 1, 0.3), ("spo-a1", 2, 0.4),
+        ("dpo", 0, 0.5)]
+    assert res["commit"] == "bbb" and res["minutes"] == 9.0  # the points' most common commit
+    assert res["commands"][0].startswith("OMP_NUM_THREADS=1 python scripts/expert_study.py")
