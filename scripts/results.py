@@ -9,6 +9,7 @@
     python scripts/results.py --compare lab-seeds   # rerun a target, compare with the committed one
     python scripts/results.py --stale       # which targets' code changed since they were measured
     python scripts/results.py --collect     # store the expert points a stopped run finished
+    python scripts/results.py --only-stale --jobs 2   # rerun what --stale lists, nothing else
 
 A target runs its commands (the exact command lines are kept with the results), stores what they
 measured in `docs/results/<target>.json` together with the commit, the date, the machine and the
@@ -1126,6 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stale", action="store_true",
                    help="list the stored targets whose code changed since they were measured "
                         "(exit 1 if any)")
+    p.add_argument("--only-stale", action="store_true",
+                   help="of the targets, run only those that --stale lists (measured by code "
+                        "that has changed since)")
     p.add_argument("--collect", action="store_true",
                    help="store the expert points a stopped run finished (runs/results-experts) "
                         "in place of the stored ones, without running anything")
@@ -1162,6 +1166,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise SystemExit(f"results: unknown target(s) {', '.join(unknown)} (see --list)")
+    if a.only_stale:
+        skip = [n for n in names if not stale(n)]  # current, or never measured (publish nothing)
+        if skip:
+            print(f"results: not stale, not run: {', '.join(skip)}", file=sys.stderr)
+        names = [n for n in names if n not in skip]
     if not a.compare:
         run_targets(names, a.jobs)
         return 0

@@ -172,3 +172,12 @@ def test_collect_puts_the_points_a_stopped_run_finished_in_place_of_the_stored_o
         ("dpo", 0, 0.5)]
     assert res["commit"] == "bbb" and res["minutes"] == 9.0  # the points' most common commit
     assert res["commands"][0].startswith("OMP_NUM_THREADS=1 python scripts/expert_study.py")
+
+
+def test_only_stale_runs_the_targets_stale_lists_and_nothing_else(monkeypatch):
+    ran = []
+    monkeypatch.setattr(results, "stale", lambda n: ["abc: 1 files changed since (x)"]
+                        if n in ("demo", "online") else [])
+    monkeypatch.setattr(results, "run_targets", lambda names, jobs: ran.append((names, jobs)))
+    assert results.main(["--only-stale", "--jobs", "2", "demo", "lab-seeds", "online"]) == 0
+    assert ran == [(["demo", "online"], 2)]
