@@ -693,6 +693,11 @@ def measure_experts(out: Path) -> dict:
     return {"commands": _expert_commands(), "points": points}
 
 
+def _log_rows(log: Path) -> list[dict]:
+    """The points an expert_study.py folder's points.jsonl holds (none if it does not exist)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
 def collect_experts() -> dict:
     """The stored expert points with those a stopped `results.py experts` finished (in
     EXPERTS_WORK) in their place: each point keeps the commit it was measured at, so `--stale`
@@ -700,8 +705,7 @@ def collect_experts() -> dict:
     stored = load("experts") or {"points": []}
     points = {(p["expert"], p["seed"], p["point"]): p for p in stored["points"]}
     for log in sorted(EXPERTS_WORK.glob("*/points.jsonl")):
-        points.update({(r["expert"], r["seed"], r["point"]): r
-                       for r in map(json.loads, log.read_text().splitlines())})
+        points.update({(r["expert"], r["seed"], r["point"]): r for r in _log_rows(log)})
     order = [n for names, _ in EXPERT_RUNS for n in names]
     rows = sorted(points.values(), key=lambda p: (order.index(p["point"]) if p["point"] in order
                                                   else len(order), p["expert"], p["seed"]))
@@ -724,8 +728,7 @@ def keep_current_points(stored: dict | None, work: Path, paths) -> int:
             continue
         log = work / p["expert"] / "points.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
-        have = {(r["seed"], r["point"]) for r in map(json.loads, log.read_text().splitlines())} \
-            if log.is_file() else set()
+        have = {(r["seed"], r["point"]) for r in _log_rows(log)}
         if (p["seed"], p["point"]) not in have:
             with log.open("a") as f:
                 f.write(json.dumps(p) + "\n")
