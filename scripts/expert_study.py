@@ -80,6 +80,9 @@ def points() -> dict[str, Point]:
                 Point(f"spo-a1-n8-lr{tag}", n=8, lr=lr),
                 Point(f"spo-a1-ranked-lr{tag}", loss="spo_ranked", fmt="ranked", lr=lr)]
     out += [Point("spo-a1-mu-lr3e-4", gamma=1.0, lr=3e-4),
+            Point("spo-a1-ties-lr3e-4", keep_ties=True, lr=3e-4),  # best-worst, ties kept
+            # Bradley-Terry labels with one pair per question: bt0.1 less its extra pairs
+            Point("spo-a1-bt0.1-1pair-lr3e-4", pairing="bt", bt_temperature=0.1, lr=3e-4),
             Point("spo-a1-online-lr3e-4", online_every=5, lr=3e-4),
             Point("dpo-online-lr3e-4", loss="dpo", beta=0.1, online_every=5, lr=3e-4)]
     return {p.name: p for p in out}

@@ -26,9 +26,12 @@ for every stored target, whether the code its commands run (`softpo/`, `configs/
 requirements and the target's own scripts and data) differs between the commit it was measured at
 and the working tree: a target that is not stale measured what the current code computes.
 
-The expert study (`experts`, hours) keeps every point with the commit it was measured at. Rerun, it
-keeps the stored points whose code is unchanged and measures only the stale and missing ones;
-stopped, it continues where it stopped, and `--collect` stores what it has finished so far.
+The expert study (`experts`, hours) keeps every point with the commit it was measured at, and a
+point is stale on its own: when the code and data it ran changed since its commit, when
+expert_study.py changed outside its point table, or when the table defines that point differently
+now (adding a point stales no other). Rerun, it keeps the current points and measures only the stale
+and missing ones; stopped, it continues where it stopped, and `--collect` stores what it has
+finished so far.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class Target:
     sources: tuple[str, ...] = ()  # what its commands run besides CODE (scripts, bench/, data)
     one_thread: bool = False  # its commands use one core: `--jobs` may run it beside another
     timing: bool = False  # it measures time: it runs with nothing else on the machine
+    stale: Callable[[dict], list[str]] | None = None  # (stored) -> why; default: by commit
 
 
 TARGETS: dict[str, Target] = {}
@@ -656,12 +660,14 @@ def render_online(res: dict) -> str:
 # (points, seeds): SPO alpha 1 and DPO at learning rate 1e-3 and at 3e-4 (the config's) on three seeds,
 # then each further knob at 3e-4 on three seeds: alpha 0.3, the global KL weight beta 0.5, 2 and
 # 0.2, Bradley-Terry labels at temperature 0.1 (every pair), 8 answers per question, ranked lists,
-# the weighting mu, and online refreshes (SPO and DPO)
+# the weighting mu, online refreshes (SPO and DPO), best-worst pairs with ties kept, and
+# Bradley-Terry labels at 0.1 with one pair per question (labels apart from pairs per question)
 EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (0, 1, 2)),
                (("spo-a0.3-lr3e-4", "spo-a1-beta0.5-lr3e-4", "spo-a1-beta2-lr3e-4",
                  "spo-a1-beta0.2-lr3e-4", "spo-a1-bt0.1-lr3e-4", "spo-a1-n8-lr3e-4",
                  "spo-a1-ranked-lr3e-4", "spo-a1-mu-lr3e-4", "spo-a1-online-lr3e-4",
-                 "dpo-online-lr3e-4"), (0, 1, 2)))
+                 "dpo-online-lr3e-4", "spo-a1-ties-lr3e-4", "spo-a1-bt0.1-1pair-lr3e-4"),
+                (0, 1, 2)))
 
 
 EXPERTS_WORK = ROOT / "runs" / "results-experts"  # survives a stopped run: finished points stay
@@ -683,7 +689,7 @@ def _expert_commands() -> list[str]:
 def measure_experts(out: Path) -> dict:
     work = EXPERTS_WORK if out == ROOT / "docs" else out / "expert_runs"
     if out == ROOT / "docs":  # regenerating the published numbers: measure what is stale or missing
-        kept = keep_current_points(load("experts"), work, [*CODE, *TARGETS["experts"].sources])
+        kept = keep_current_points(load("experts"), work)
         print(f"experts: {kept} stored points are current and kept", file=sys.stderr)
     # two at a time, in EXPERT_RUNS's order: the three-seed points first
     argvs = [[sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
@@ -715,16 +721,14 @@ def collect_experts() -> dict:
             "date": datetime.date.today().isoformat(), "machine": machine()}
 
 
-def keep_current_points(stored: dict | None, work: Path, paths) -> int:
-    """Write into `work/<expert>/points.jsonl` the stored points whose code (`paths`) has not
-    changed since the commit each was measured at; expert_study.py skips the points its folder
-    holds, so a rerun measures only the stale and missing ones. Returns how many were kept."""
-    fresh = {}  # commit -> its code unchanged since
+def keep_current_points(stored: dict | None, work: Path) -> int:
+    """Write into `work/<expert>/points.jsonl` the stored points that are what the current code
+    computes (`expert_point_staleness`); expert_study.py skips the points its folder holds, so a
+    rerun measures only the stale and missing ones. Returns how many were kept."""
+    points = (stored or {}).get("points", [])
     kept = 0
-    for p in (stored or {}).get("points", []):
-        if p["commit"] not in fresh:
-            fresh[p["commit"]] = changed_since(p["commit"], paths) is None
-        if not fresh[p["commit"]]:
+    for p, why in zip(points, expert_point_staleness(points)):
+        if why:
             continue
         log = work / p["expert"] / "points.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -734,6 +738,71 @@ def keep_current_points(stored: dict | None, work: Path, paths) -> int:
                 f.write(json.dumps(p) + "\n")
         kept += 1
     return kept
+
+
+EXPERT_STUDY = "scripts/expert_study.py"
+
+
+def study_runner(source: str) -> str:
+    """expert_study.py's code without its point table (the function `points`), comments and
+    layout aside: what every point runs. Adding or redefining one point leaves it unchanged."""
+    import ast
+
+    tree = ast.parse(source)
+    tree.body = [n for n in tree.body
+                 if not (isinstance(n, ast.FunctionDef) and n.name == "points")]
+    return ast.dump(tree)
+
+
+def point_table() -> dict[str, dict]:
+    """expert_study.py's points as the working tree defines them, each as the fields a stored
+    point row carries (JSON values: the overrides a list)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_expert_study", ROOT / EXPERT_STUDY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while they are made
+    spec.loader.exec_module(module)
+    return {name: json.loads(json.dumps(vars(p))) for name, p in module.points().items()}
+
+
+def expert_point_staleness(points: list[dict]) -> list[str | None]:
+    """For each stored expert point, why it may not be what the working tree computes (None: it
+    is): the code and data it ran changed since its commit (`changed_since`), expert_study.py's
+    runner changed (`study_runner`; the other points' definitions do not count), or the point
+    is defined differently now or no longer."""
+    paths = [*CODE, *(s for s in TARGETS["experts"].sources if s != EXPERT_STUDY)]
+    table = point_table()
+    runner_now = study_runner((ROOT / EXPERT_STUDY).read_text())
+    by_commit: dict[str, str | None] = {}
+
+    def commit_why(sha: str) -> str | None:
+        if sha not in by_commit:
+            why = changed_since(sha, paths)
+            if why is None:
+                then = subprocess.run(["git", "show", f"{sha}:{EXPERT_STUDY}"], cwd=ROOT,
+                                      capture_output=True, text=True)
+                if then.returncode != 0 or study_runner(then.stdout) != runner_now:
+                    why = f"{sha}: {EXPERT_STUDY} (all but its point table) changed since"
+            by_commit[sha] = why
+        return by_commit[sha]
+
+    def point_why(p: dict) -> str | None:
+        if why := commit_why(p["commit"]):
+            return why
+        defined = table.get(p["point"])
+        if defined is None:
+            return f"{p['point']}: no longer defined in {EXPERT_STUDY}"
+        if differ := [k for k, v in defined.items() if p.get(k) != v]:
+            return (f"{p['point']}: defined differently now ("
+                    + ", ".join(f"{k} {p.get(k)} -> {defined[k]}" for k in differ) + ")")
+        return None
+
+    return [point_why(p) for p in points]
+
+
+def _experts_stale(res: dict) -> list[str]:
+    return sorted({why for why in expert_point_staleness(res["points"]) if why})
 
 
 EXPERT_KEYS = ("reward", "kl", "entropy", "distinct_2", "words", "start_pref_saturated")
@@ -750,6 +819,7 @@ def _experts_compare(old: dict, new: dict) -> list[str]:
 
 
 TARGETS["experts"].compare = _experts_compare
+TARGETS["experts"].stale = _experts_stale
 
 
 def _ref_nll_per_token(point: dict) -> float:
@@ -1065,6 +1135,8 @@ def stale(name: str) -> list[str]:
     res = load(name)
     if res is None:
         return []  # publishes nothing
+    if TARGETS[name].stale is not None:
+        return TARGETS[name].stale(res)
     paths = [*CODE, *TARGETS[name].sources]
     return [why for sha in measured_at(res) if (why := changed_since(sha, paths))]
 
