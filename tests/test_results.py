@@ -134,20 +134,56 @@ def test_a_fresh_run_matches_the_stored_numbers(name):
     assert results.main(["--compare", name]) == 0
 
 
-def test_a_rerun_of_the_experts_keeps_only_the_points_whose_code_is_unchanged(tmp_path):
+def _stored_point(name: str, commit: str, **kw) -> dict:
+    return {"expert": "plain", "seed": 0, "point": name, "commit": commit, "reward": 0.5,
+            **results.point_table()[name], **kw}
+
+
+def test_a_rerun_of_the_experts_keeps_only_the_points_that_are_current(tmp_path):
     first = _git("rev-list", "--max-parents=0", "HEAD").split()[0][:7]  # the code then: nothing
     head = _git("rev-parse", "--short", "HEAD")
-    paths = ["softpo", "scripts/expert_study.py"]
-    unchanged = not _git("status", "--porcelain", "--", *paths)
-    point = {"expert": "plain", "seed": 0, "point": "spo-a1", "commit": head, "reward": 0.5}
+    unchanged = not _git("status", "--porcelain", "--", *results.CODE, "examples") and \
+        results.study_runner(_git("show", f"HEAD:{results.EXPERT_STUDY}")) == \
+        results.study_runner((ROOT / results.EXPERT_STUDY).read_text())
+    point = _stored_point("spo-a1", head)
     stored = {"points": [point, {**point, "seed": 1, "commit": first},
+                         {**point, "seed": 2, "lr": 0.5},  # the table defines it differently
                          {**point, "expert": "concise", "commit": head + "+changes"}]}
     log = tmp_path / "plain" / "points.jsonl"
-    assert results.keep_current_points(stored, tmp_path, paths) == int(unchanged)
-    assert results.keep_current_points(stored, tmp_path, paths) == int(unchanged)  # not twice
+    assert results.keep_current_points(stored, tmp_path) == int(unchanged)
+    assert results.keep_current_points(stored, tmp_path) == int(unchanged)  # not twice
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     assert rows == ([point] if unchanged else [])
     assert not (tmp_path / "concise").exists()
+
+
+def test_an_expert_point_is_stale_on_its_own(monkeypatch):
+    head = _git("rev-parse", "--short", "HEAD")
+    points = [_stored_point("dpo", head), _stored_point("dpo", head, beta=0.2),
+              _stored_point("dpo", head, point="dpo-retired")]
+    monkeypatch.setattr(results, "changed_since", lambda sha, paths: None)  # the library as then
+    monkeypatch.setattr(results, "study_runner", lambda source: "the same runner")
+    ok, redefined, gone = results.expert_point_staleness(points)
+    assert ok is None
+    assert redefined == "dpo: defined differently now (beta 0.2 -> 0.1)"
+    assert gone == f"dpo-retired: no longer defined in {results.EXPERT_STUDY}"
+    calls = iter(range(9))  # every runner differs from every other
+    monkeypatch.setattr(results, "study_runner", lambda source: next(calls))
+    assert results.expert_point_staleness(points[:1]) == [
+        f"{head}: {results.EXPERT_STUDY} (all but its point table) changed since"]
+
+
+def test_the_study_runner_ignores_the_point_table_and_nothing_else():
+    source = (ROOT / results.EXPERT_STUDY).read_text()
+    table = "    return {p.name: p for p in out}"
+    assert table in source
+    more_points = source.replace(table, '    out.append(Point("x", alpha=9.0))\n' + table)
+    assert results.study_runner(more_points) == results.study_runner(source)
+    assert results.study_runner(source + "\n# a comment\n") == results.study_runner(source)
+    runner_line = "max_new_tokens=32, seed=seed"
+    assert runner_line in source
+    changed = source.replace(runner_line, "max_new_tokens=33, seed=seed")
+    assert results.study_runner(changed) != results.study_runner(source)
 
 
 def test_collect_puts_the_points_a_stopped_run_finished_in_place_of_the_stored_ones(
