@@ -802,7 +802,10 @@ def expert_point_staleness(points: list[dict]) -> list[str | None]:
 
 
 def _experts_stale(res: dict) -> list[str]:
-    return sorted({why for why in expert_point_staleness(res["points"]) if why})
+    import collections
+
+    count = collections.Counter(why for why in expert_point_staleness(res["points"]) if why)
+    return [f"{why} [{n} point{'s' * (n > 1)}]" for why, n in sorted(count.items())]
 
 
 EXPERT_KEYS = ("reward", "kl", "entropy", "distinct_2", "words", "start_pref_saturated")
