@@ -671,6 +671,7 @@ EXPERT_RUNS = ((("reference", "spo-a1", "dpo", "spo-a1-lr3e-4", "dpo-lr3e-4"), (
 
 
 EXPERTS_WORK = ROOT / "runs" / "results-experts"  # survives a stopped run: finished points stay
+EXPERT_STUDY = "scripts/expert_study.py"  # the runner and, in its `points()`, the point table
 
 
 def _expert_args() -> list[list[str]]:
@@ -679,20 +680,20 @@ def _expert_args() -> list[list[str]]:
 
 
 def _expert_commands() -> list[str]:
-    return ["OMP_NUM_THREADS=1 python scripts/expert_study.py " + " ".join(args)
+    return [f"OMP_NUM_THREADS=1 python {EXPERT_STUDY} " + " ".join(args)
             for args in _expert_args()]
 
 
 @target("experts", "scripts/expert_study.py: SPO and DPO on the concise and plain experts, at two "
                    "learning rates and further knobs, seeds 0, 1, 2", 520,
-        sources=("scripts/expert_study.py", "examples/experts", "examples/data"))
+        sources=(EXPERT_STUDY, "examples/experts", "examples/data"))
 def measure_experts(out: Path) -> dict:
     work = EXPERTS_WORK if out == ROOT / "docs" else out / "expert_runs"
     if out == ROOT / "docs":  # regenerating the published numbers: measure what is stale or missing
         kept = keep_current_points(load("experts"), work)
         print(f"experts: {kept} stored points are current and kept", file=sys.stderr)
     # two at a time, in EXPERT_RUNS's order: the three-seed points first
-    argvs = [[sys.executable, "scripts/expert_study.py", *args, "--json", "--out",
+    argvs = [[sys.executable, EXPERT_STUDY, *args, "--json", "--out",
               str(work / args[1])] for args in _expert_args()]
     points = [p for res in run_json_parallel(argvs) for p in res["points"]]
     shutil.rmtree(work, ignore_errors=True)
@@ -738,9 +739,6 @@ def keep_current_points(stored: dict | None, work: Path) -> int:
                 f.write(json.dumps(p) + "\n")
         kept += 1
     return kept
-
-
-EXPERT_STUDY = "scripts/expert_study.py"
 
 
 def study_runner(source: str) -> str:
