@@ -389,6 +389,18 @@ def render_train_tiny(res: dict) -> str:
 DEMO_SEEDS = (0, 1, 2)
 
 
+def publish_report(run: Path, docs: Path) -> None:
+    """Make `docs` hold the run's report (its Markdown and pictures) in place of the last one;
+    folders inside `docs` (another target's report) are left alone."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for f in docs.iterdir():
+        if f.is_file() and f.suffix in (".md", ".png"):
+            f.unlink()
+    for f in run.iterdir():
+        if f.suffix in (".md", ".png"):
+            shutil.copy(f, docs / f.name)
+
+
 @target("demo", "softpo demo (what make demo runs), seeds 0, 1, 2", 40)
 def measure_demo(out: Path) -> dict:
     import time
@@ -404,12 +416,7 @@ def measure_demo(out: Path) -> dict:
         seeds[str(seed)] = {"seconds": round(time.perf_counter() - t0, 1),
                             "results": json.loads((folder / "results.json").read_text())}
         if seed == 0 and out == ROOT / "docs":  # the committed report: seed 0's
-            target_dir = ROOT / "docs" / "demo"
-            shutil.rmtree(target_dir, ignore_errors=True)
-            target_dir.mkdir()
-            for f in folder.iterdir():
-                if f.suffix in (".md", ".png"):
-                    shutil.copy(f, target_dir / f.name)
+            publish_report(folder, ROOT / "docs" / "demo")
     shutil.rmtree(out / "demo_runs", ignore_errors=True)
     return {"commands": cmds, "seeds": seeds}
 
@@ -501,12 +508,7 @@ def measure_frontier(out: Path) -> dict:
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     doc = json.loads((folder / "results.json").read_text())
     if out == ROOT / "docs":  # the committed report: the means over seeds and their picture
-        target_dir = ROOT / "docs" / "demo" / "frontier"
-        shutil.rmtree(target_dir, ignore_errors=True)
-        target_dir.mkdir(parents=True)
-        for f in folder.iterdir():
-            if f.suffix in (".md", ".png"):
-                shutil.copy(f, target_dir / f.name)
+        publish_report(folder, ROOT / "docs" / "demo" / "frontier")
     shutil.rmtree(folder, ignore_errors=True)
     return {"commands": [cmd], "seconds": round(time.perf_counter() - t0, 1), "results": doc}
 

@@ -115,6 +115,18 @@ def test_rendering_puts_the_numbers_between_the_markers(tmp_path, monkeypatch):
     assert out.startswith("intro\n<!-- results:lab-seeds-short -->\n") and out.endswith("end\n")
 
 
+def test_publishing_the_demo_report_keeps_the_frontier_report_beside_it(tmp_path):
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    run.mkdir()
+    (docs / "frontier").mkdir(parents=True)
+    for f in (run / "results.md", run / "frontier.png", run / "results.json",
+              docs / "old.png", docs / "frontier" / "results.md"):
+        f.write_text(f.name)
+    results.publish_report(run, docs)
+    assert sorted(p.name for p in docs.iterdir()) == ["frontier", "frontier.png", "results.md"]
+    assert (docs / "frontier" / "results.md").exists()
+
+
 def test_a_small_pinned_subset_matches_a_fresh_run():
     """The tabular lab's seed-0 SPO row at alpha 1, rerun (seconds), against the stored one."""
     from softpo.lab.tabular import LabConfig, public, run
