@@ -351,10 +351,16 @@ def render_tolerance(res: dict) -> str:
 
 # ------------------------------------------------------------------------ training the tiny model
 
+def scratch(out: Path, name: str) -> Path:
+    """Where a target's command writes its run: under runs/ when the target publishes into docs/
+    (so a commit of docs/ while it runs takes none of it), else under `out`."""
+    return ROOT / "runs" / f"results-{name}" if out == ROOT / "docs" else out / name
+
+
 @target("train-tiny", "softpo train configs/tiny.yaml (the README's first training run)", 3,
         sources=("examples/data/prefs_tiny.jsonl",))
 def measure_train_tiny(out: Path) -> dict:
-    run_dir = out / "train_tiny"
+    run_dir = scratch(out, "train_tiny")
     argv = softpo("train", "configs/tiny.yaml", f"train.output_dir={run_dir}", "train.progress=false")
     print(f"results: {shown(argv)}", file=sys.stderr, flush=True)
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -407,7 +413,7 @@ def measure_demo(out: Path) -> dict:
 
     seeds, cmds = {}, []
     for seed in DEMO_SEEDS:
-        folder = out / "demo_runs" / f"seed{seed}"
+        folder = scratch(out, "demo_runs") / f"seed{seed}"
         argv = softpo("demo", "--seed", str(seed), "--out", str(folder), "--no-progress")
         cmds.append(shown(argv).replace(str(folder), f"runs/demo_{seed}"))
         print(f"results: {cmds[-1]}", file=sys.stderr, flush=True)
@@ -417,7 +423,7 @@ def measure_demo(out: Path) -> dict:
                             "results": json.loads((folder / "results.json").read_text())}
         if seed == 0 and out == ROOT / "docs":  # the committed report: seed 0's
             publish_report(folder, ROOT / "docs" / "demo")
-    shutil.rmtree(out / "demo_runs", ignore_errors=True)
+    shutil.rmtree(scratch(out, "demo_runs"), ignore_errors=True)
     return {"commands": cmds, "seeds": seeds}
 
 
@@ -500,7 +506,7 @@ def render_demo_seeds(res: dict) -> str:
 def measure_frontier(out: Path) -> dict:
     import time
 
-    folder = out / "frontier_run"
+    folder = scratch(out, "frontier_run")
     argv = softpo("demo", "--sweep", "--out", str(folder), "--no-progress")
     cmd = shown(argv).replace(str(folder), "runs/frontier")
     print(f"results: {cmd}", file=sys.stderr, flush=True)
@@ -604,9 +610,9 @@ def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
         sources=("scripts/online_study.py",))
 def measure_online(out: Path) -> dict:
     argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
-              str(out / "online_runs")] for s in ONLINE_SEEDS]
+              str(scratch(out, "online_runs"))] for s in ONLINE_SEEDS]
     runs = run_json_parallel(argvs)
-    shutil.rmtree(out / "online_runs", ignore_errors=True)
+    shutil.rmtree(scratch(out, "online_runs"), ignore_errors=True)
     cmds = [f"OMP_NUM_THREADS=1 python scripts/online_study.py --seed {s} --json"
             for s in ONLINE_SEEDS]
     return {"commands": cmds, "runs": runs}
@@ -1022,14 +1028,14 @@ BENCH_REG = ["--cases", "gpt2-86m", "--precision", "fp32", "--repeats", "2", "--
 @target("bench-reg", "python -m bench: full SPO against plain SPO and TRL DPO, gpt2-86m, CPU", 12,
         sources=("bench",), timing=True)
 def measure_bench_reg(out: Path) -> dict:
-    folder = out / "bench" / "cpu-reg"
+    folder = scratch(out, "bench-reg")
     shutil.rmtree(folder, ignore_errors=True)
     argv = [sys.executable, "-m", "bench", *BENCH_REG, "--out", str(folder)]
     cmd = shown(argv).replace(str(folder), "runs/bench-reg")
     print(f"results: {cmd}", file=sys.stderr, flush=True)
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     res = {"commands": [cmd], "bench": {"cpu-reg": bench_tables(folder)}}
-    shutil.rmtree(folder, ignore_errors=True)  # only the run's own folder: docs/bench holds others
+    shutil.rmtree(folder, ignore_errors=True)
     return res
 
 
@@ -1043,14 +1049,14 @@ DATA_PREP = ["--rows", "200000", "--forms", "plain,chat", "--repeats", "1"]
 @target("data-prep", "python -m bench.data_prep: 200,000 pairs, softpo against TRL", 30,
         sources=("bench",), timing=True)
 def measure_data_prep(out: Path) -> dict:
-    folder = out / "bench" / "data-prep"
+    folder = scratch(out, "data-prep")
     argv = [sys.executable, "-m", "bench.data_prep", *DATA_PREP, "--out", str(folder)]
     cmd = shown(argv).replace(str(folder), "runs/data_prep")
     print(f"results: {cmd}", file=sys.stderr, flush=True)
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
     summary = (folder / "summary.md").read_text()
-    shutil.rmtree(folder, ignore_errors=True)  # only the run's own folder: docs/bench holds others
+    shutil.rmtree(folder, ignore_errors=True)
     return {"commands": [cmd], "runs": runs, "summary": summary}
 
 
