@@ -611,7 +611,8 @@ def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
 def measure_online(out: Path) -> dict:
     argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
               str(scratch(out, "online_runs"))] for s in ONLINE_SEEDS]
-    runs = run_json_parallel(argvs)
+    # the three one-thread seeds side by side: on two cores that takes 1.5 runs' time, not 2
+    runs = run_json_parallel(argvs, jobs=len(argvs))
     shutil.rmtree(scratch(out, "online_runs"), ignore_errors=True)
     cmds = [f"OMP_NUM_THREADS=1 python scripts/online_study.py --seed {s} --json"
             for s in ONLINE_SEEDS]
@@ -960,6 +961,9 @@ def measure_bench_cpu(out: Path) -> dict:
         print(f"results: {cmds[-1]}", file=sys.stderr, flush=True)
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         found[name] = bench_tables(folder)
+        for f in folder.iterdir():  # keep the raw runs and the runner's summary, not its scratch
+            if f.name not in ("runs.jsonl", "summary.md"):
+                f.unlink()
     return {"commands": cmds, "bench": found}
 
 
@@ -1063,40 +1067,6 @@ def measure_data_prep(out: Path) -> dict:
 @block("data-prep", "data-prep")
 def render_data_prep(res: dict) -> str:
     return "\n".join([res["summary"].rstrip(), "", provenance(res), "", commands(res)])
-
-
-# Raw runs of `python -m bench` committed before this script existed (docs/bench/*.runs.jsonl):
-# `--import-bench` stores them as the bench-cpu target, stamped with the commit that added them.
-BENCH_RAW = {"cpu-gpt2-86m": "docs/bench/cpu-gpt2-86m-fp32.runs.jsonl",
-             "cpu-smollm2": "docs/bench/cpu-smollm2-fp32.runs.jsonl"}
-
-
-def import_bench() -> dict:
-    """The bench-cpu target from the committed raw runs (BENCH_RAW) instead of a fresh run."""
-    found, commits = {}, set()
-    for name, raw in BENCH_RAW.items():
-        peaks, runs = {}, {}
-        for line in (ROOT / raw).read_text().splitlines():
-            entry = json.loads(line)
-            if entry["kind"] == "peak" and "error" not in entry:
-                for k in ("fp32", "bf16", "fp32_cpu", "bf16_cpu"):
-                    peaks[k] = max(peaks.get(k, 0.0), entry.get(k, 0.0))
-            elif entry["kind"] == "run" and "error" not in entry:
-                runs.setdefault((entry["case"], entry["variant"], entry["precision"]), []) \
-                    .append(entry)
-        found[name] = _tables(peaks, runs)
-        log = subprocess.run(["git", "log", "-1", "--format=%h %ad", "--date=short", "--", raw],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-        commits.add(tuple(log))
-    sha = ", ".join(sorted(c for c, _ in commits))
-    date = max(d for _, d in commits)
-    cmds = [shown([sys.executable, "-m", "bench", *args, "--out", f"docs/bench/{name}"])
-            for name, args in BENCH.items()]
-    return {"target": "bench-cpu", "commands": cmds, "bench": found, "commit": sha, "date": date,
-            "imported": list(BENCH_RAW.values()),
-            "machine": {"cpu": "AMD EPYC (Zen 2, family 23 model 49) under KVM, as "
-                        "docs/benchmarks.md recorded it then", "cores": 2, "torch": "2.13.0",
-                        "fast_bf16": False, "bf16_flags": [], "gpu": None}}
 
 
 # ------------------------------------------------------------------------ running and rendering
@@ -1217,13 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true",
                    help="store the expert points a stopped run finished (runs/results-experts) "
                         "in place of the stored ones, without running anything")
-    p.add_argument("--import-bench", action="store_true",
-                   help="store the committed raw benchmark runs (docs/bench) as bench-cpu")
     a = p.parse_args(argv)
-    if a.import_bench:
-        print(f"results: wrote {save(import_bench()).relative_to(ROOT)}", file=sys.stderr)
-        render()
-        return 0
     if a.collect:
         print(f"results: wrote {save(collect_experts()).relative_to(ROOT)}", file=sys.stderr)
         render()
