@@ -606,7 +606,7 @@ def run_json_parallel(argvs: list[list[str]], jobs: int = 2) -> list[dict]:
         return list(pool.map(lambda argv: run_json(argv, env), argvs))
 
 
-@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 40,
+@target("online", "scripts/online_study.py: online against offline SPO, seeds 0, 1, 2", 15,
         sources=("scripts/online_study.py",))
 def measure_online(out: Path) -> dict:
     argvs = [[sys.executable, "scripts/online_study.py", "--seed", str(s), "--json", "--out",
@@ -949,7 +949,7 @@ def _tables(peaks: dict, runs: dict) -> dict:
     return {"peaks": peaks, "tables": tables}
 
 
-@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 80,
+@target("bench-cpu", "python -m bench on the CPU: gpt2-86m and SmolLM2-135M against TRL", 40,
         sources=("bench",), timing=True)
 def measure_bench_cpu(out: Path) -> dict:
     cmds, found = [], {}
