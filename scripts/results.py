@@ -502,7 +502,7 @@ def render_demo_seeds(res: dict) -> str:
 # ------------------------------------------------------------------------ the whole frontier
 
 @target("frontier", "softpo demo --sweep: SPO, DPO, H-DPO, f-DPO and DPO sampled hotter, seeds "
-        "0, 1, 2", 100)
+        "0, 1, 2", 75)
 def measure_frontier(out: Path) -> dict:
     import time
 
