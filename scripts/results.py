@@ -934,14 +934,9 @@ BENCH = {
 
 def bench_tables(folder: Path) -> dict:
     """{case: {variant: aggregate}} and the peaks, from a bench results folder."""
-    from bench.runner import load as load_runs
+    from bench.runner import aggregate, load
 
-    return _tables(*load_runs(folder))
-
-
-def _tables(peaks: dict, runs: dict) -> dict:
-    from bench.runner import aggregate
-
+    peaks, runs = load(folder)
     tables: dict = {}
     for (case, variant, precision), rs in runs.items():
         tables.setdefault(case, {})[variant] = aggregate(rs, peaks.get(precision, float("nan")),
